@@ -1,0 +1,12 @@
+//! In-memory implementations of the four parts: the embedded default.
+//!
+//! Real, concurrent implementations for a single process. Everything is **lost on restart**;
+//! use the Redis or ScyllaDB backends for durability and for several nodes.
+
+mod presence;
+mod router;
+mod store;
+
+pub use presence::MemoryPresence;
+pub use router::{MemoryRouter, MemoryRouterHub};
+pub use store::MemoryStore;

@@ -1,0 +1,272 @@
+//! Transport-agnostic protocol types: [`Command`] (client → server) and [`Event`]
+//! (server → client), one variant per frame of the wire contract (`docs/protocol.md`).
+//!
+//! Both derive serde with an internal `type` tag in snake_case, so the JSON codec is
+//! `serde_json::to_vec(&event)`; unknown extra fields are ignored.
+//!
+//! ```
+//! use chat_core::protocol::Command;
+//! let cmd: Command = serde_json::from_str(
+//!     r#"{"type":"typing","conversation_id":"42","extra":"ignored"}"#).unwrap();
+//! assert!(matches!(cmd, Command::Typing { .. }));
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::id::{ConversationId, MessageId, UserId};
+use crate::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
+
+/// The `message` command: send a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMessage {
+    /// Target conversation.
+    pub conversation_id: ConversationId,
+    /// The client's idempotency key (1..=64 bytes); a retry with the same key returns the
+    /// original ids instead of creating a second message.
+    pub client_msg_id: String,
+    /// Text content (may be empty for media).
+    #[serde(default)]
+    pub content: String,
+    /// `text` (default), `image` or `file`.
+    #[serde(default)]
+    pub kind: MessageKind,
+    /// Attachment metadata (required for `image` and `file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<Media>,
+    /// The message this replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+}
+
+/// A frame from a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Command {
+    /// Send a message.
+    Message(SendMessage),
+    /// The user is typing.
+    Typing {
+        /// Where.
+        conversation_id: ConversationId,
+    },
+    /// Everything up to `seq` reached this device.
+    Delivered {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Up to which seq.
+        seq: u64,
+    },
+    /// Everything up to `seq` was read.
+    Read {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Up to which seq.
+        seq: u64,
+    },
+    /// Replace the content of one's own message.
+    Edit {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Which message.
+        message_id: MessageId,
+        /// New content.
+        content: String,
+    },
+    /// Delete one's own message (leaves a tombstone).
+    Delete {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Which message.
+        message_id: MessageId,
+    },
+    /// Replay everything after the given seq of each conversation.
+    Sync {
+        /// Conversation → last seq the client has (0 for none).
+        #[serde(default)]
+        conversations: BTreeMap<ConversationId, u64>,
+    },
+    /// Receive presence of these users: their status now, then every change.
+    PresenceSubscribe {
+        /// Users to watch.
+        user_ids: Vec<UserId>,
+    },
+    /// Stop receiving presence of these users.
+    PresenceUnsubscribe {
+        /// Users to stop watching.
+        user_ids: Vec<UserId>,
+    },
+}
+
+impl Command {
+    /// The wire `type` of the command.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Message(_) => "message",
+            Self::Typing { .. } => "typing",
+            Self::Delivered { .. } => "delivered",
+            Self::Read { .. } => "read",
+            Self::Edit { .. } => "edit",
+            Self::Delete { .. } => "delete",
+            Self::Sync { .. } => "sync",
+            Self::PresenceSubscribe { .. } => "presence_subscribe",
+            Self::PresenceUnsubscribe { .. } => "presence_unsubscribe",
+        }
+    }
+}
+
+/// A frame to a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// The message is durably stored.
+    MessageAck {
+        /// The client's key, echoed.
+        client_msg_id: String,
+        /// Where.
+        conversation_id: ConversationId,
+        /// The assigned id.
+        message_id: MessageId,
+        /// The assigned seq.
+        seq: u64,
+        /// Unix milliseconds when stored.
+        timestamp: u64,
+    },
+    /// A new message (live or replayed by sync).
+    Message {
+        /// The message.
+        message: Message,
+    },
+    /// Someone is typing.
+    Typing {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Who.
+        user_id: UserId,
+    },
+    /// A delivered or read marker moved.
+    Receipt {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Whose marker.
+        user_id: UserId,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// Up to which seq.
+        seq: u64,
+    },
+    /// A message was edited.
+    MessageEdited {
+        /// The message after the edit.
+        message: Message,
+    },
+    /// A message was deleted (tombstone).
+    MessageDeleted {
+        /// The tombstone.
+        message: Message,
+    },
+    /// The end of a sync.
+    SyncDone {
+        /// Conversation → latest seq.
+        conversations: BTreeMap<ConversationId, u64>,
+        /// Conversations with more to replay: sync again from the last seq received.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more: Vec<ConversationId>,
+    },
+    /// A user's presence (now, then on every change).
+    Presence {
+        /// Whose.
+        user_id: UserId,
+        /// Online or offline.
+        status: PresenceStatus,
+        /// Unix milliseconds, `null` for a user never seen.
+        last_seen: Option<u64>,
+    },
+    /// A command failed; the connection stays open.
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable text.
+        message: String,
+        /// Set when the failed command was a `message`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+    },
+}
+
+impl Event {
+    /// The wire `type` of the event.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::MessageAck { .. } => "message_ack",
+            Self::Message { .. } => "message",
+            Self::Typing { .. } => "typing",
+            Self::Receipt { .. } => "receipt",
+            Self::MessageEdited { .. } => "message_edited",
+            Self::MessageDeleted { .. } => "message_deleted",
+            Self::SyncDone { .. } => "sync_done",
+            Self::Presence { .. } => "presence",
+            Self::Error { .. } => "error",
+        }
+    }
+
+    /// An `error` event for `err`.
+    pub fn error(err: &crate::Error, client_msg_id: Option<String>) -> Self {
+        Self::Error {
+            code: err.code(),
+            message: err.client_message(),
+            client_msg_id,
+        }
+    }
+}
+
+/// How many codecs a [`Frame`] can cache an encoding for.
+pub const CODEC_SLOTS: usize = 4;
+
+/// An event on its way to connections, with a per-codec cache of its encoding.
+///
+/// Fan-out hands the same `Arc<Frame>` to every recipient; the first writer using a codec
+/// encodes, every other writer reuses the same [`Bytes`]. So a group message is encoded once
+/// per codec per node, not once per recipient.
+#[derive(Debug)]
+pub struct Frame {
+    /// The event.
+    event: Event,
+    /// One lazily filled encoding per codec slot.
+    encoded: [OnceLock<Bytes>; CODEC_SLOTS],
+}
+
+impl Frame {
+    /// Wraps an event.
+    pub fn new(event: Event) -> Self {
+        Self {
+            event,
+            encoded: Default::default(),
+        }
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The encoding for codec `slot` (`0..CODEC_SLOTS`), computed by `encode` at most once.
+    ///
+    /// # Panics
+    /// If `slot >= CODEC_SLOTS` (a programming error in a codec, not reachable from input).
+    pub fn encoded(&self, slot: usize, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
+        self.encoded[slot].get_or_init(|| encode(&self.event)).clone()
+    }
+}
+
+impl From<Event> for Frame {
+    fn from(event: Event) -> Self {
+        Self::new(event)
+    }
+}

@@ -1,0 +1,148 @@
+//! [`Router`]: moves events between gateway nodes.
+//!
+//! A node subscribes to the [`Topic`]s it has local interest in: a conversation while at least
+//! one of its online users is a member, a user while that user has a connection on it. Publishing
+//! to a topic reaches every *other* subscribed node once, so a group message costs
+//! O(nodes with members), not O(members). The publishing node delivers to its own connections
+//! itself.
+//!
+//! Routing is best effort (Redis pub/sub is at-most-once): correctness comes from the store and
+//! `sync`. A router that knows it may have dropped envelopes (a full inbox, a lost connection to
+//! its broker) sends [`Inbound::Lagged`] so the engine can make its clients resync.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::id::{ConnectionId, ConversationId, NodeId, UserId};
+use crate::protocol::Event;
+
+/// What a node can subscribe to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "t", content = "id", rename_all = "snake_case")]
+pub enum Topic {
+    /// Events of one conversation; subscribed by nodes with an online member.
+    Conversation(ConversationId),
+    /// Events for one user's devices; subscribed by nodes where the user is connected.
+    User(UserId),
+}
+
+/// What travels between nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Payload {
+    /// Deliver an event to the topic's local connections.
+    Event {
+        /// The event.
+        event: Event,
+        /// Skip every connection of this user (e.g. typing is not echoed to the typist).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        except_user: Option<UserId>,
+        /// Skip this one connection (e.g. the device that sent the message got an ack instead).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        except_connection: Option<ConnectionId>,
+    },
+    /// A user joined or left a conversation: nodes where the user is online update their
+    /// local index (and their conversation subscriptions).
+    Membership {
+        /// Which conversation.
+        conversation_id: ConversationId,
+        /// Who.
+        user_id: UserId,
+        /// Joined (true) or left (false).
+        joined: bool,
+    },
+}
+
+/// One routed message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The publishing node (which does not receive its own envelopes).
+    pub origin: NodeId,
+    /// Where it was published.
+    pub topic: Topic,
+    /// What it carries.
+    pub payload: Payload,
+}
+
+/// What a router hands to its node's engine.
+#[derive(Clone, Debug)]
+pub enum Inbound {
+    /// An envelope from another node.
+    Envelope(Arc<Envelope>),
+    /// Envelopes may have been lost (inbox overflow, broker reconnect): live delivery has a gap
+    /// that only the store can fill.
+    Lagged,
+}
+
+/// Moves [`Envelope`]s between nodes.
+///
+/// Implementations: [`LocalRouter`] (single node, the default), [`crate::memory::MemoryRouterHub`]
+/// (several engines in one process), `chat_presence::RedisRouter` (Redis pub/sub).
+#[async_trait]
+pub trait Router: Send + Sync + Debug + 'static {
+    /// Starts delivering envelopes published by other nodes on subscribed topics to `inbox`.
+    /// Called once by the engine before any other method.
+    async fn start(&self, inbox: mpsc::Sender<Inbound>) -> Result<()>;
+
+    /// Starts receiving a topic (idempotent).
+    async fn subscribe(&self, topic: &Topic) -> Result<()>;
+
+    /// Stops receiving a topic (idempotent).
+    async fn unsubscribe(&self, topic: &Topic) -> Result<()>;
+
+    /// Publishes to every other node subscribed to `envelope.topic`.
+    async fn publish(&self, envelope: Envelope) -> Result<()>;
+
+    /// Whether other nodes exist at all. When false the engine skips publishing.
+    fn is_distributed(&self) -> bool {
+        false
+    }
+}
+
+/// A shared, dynamically chosen router.
+pub type DynRouter = Arc<dyn Router>;
+
+#[async_trait]
+impl<T: Router + ?Sized> Router for Arc<T> {
+    async fn start(&self, inbox: mpsc::Sender<Inbound>) -> Result<()> {
+        (**self).start(inbox).await
+    }
+    async fn subscribe(&self, topic: &Topic) -> Result<()> {
+        (**self).subscribe(topic).await
+    }
+    async fn unsubscribe(&self, topic: &Topic) -> Result<()> {
+        (**self).unsubscribe(topic).await
+    }
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        (**self).publish(envelope).await
+    }
+    fn is_distributed(&self) -> bool {
+        (**self).is_distributed()
+    }
+}
+
+/// The single-node router: there is nobody else to route to, so everything is a no-op.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalRouter;
+
+#[async_trait]
+impl Router for LocalRouter {
+    async fn start(&self, _inbox: mpsc::Sender<Inbound>) -> Result<()> {
+        Ok(())
+    }
+    async fn subscribe(&self, _topic: &Topic) -> Result<()> {
+        Ok(())
+    }
+    async fn unsubscribe(&self, _topic: &Topic) -> Result<()> {
+        Ok(())
+    }
+    async fn publish(&self, _envelope: Envelope) -> Result<()> {
+        Ok(())
+    }
+}

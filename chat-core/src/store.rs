@@ -1,0 +1,228 @@
+//! [`MessageStore`]: durable conversation timelines, conversations, members and read markers.
+//!
+//! Promises every implementation keeps (checked by [`crate::testing::store`]):
+//! * `append` assigns `seq = last + 1` atomically: per conversation, seqs are 1, 2, 3, … with no
+//!   gap and no duplicate, whatever the number of concurrent appenders and nodes.
+//! * `append` is idempotent on `(conversation, sender, client_msg_id)`: a retry returns the
+//!   original message with `duplicate = true` and stores nothing new.
+//! * `append` returns only once the message is durable for that backend.
+//! * Markers only move forward and are clamped to the conversation's last seq.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::id::{ConversationId, MessageId, UserId};
+use crate::model::{
+    Conversation, ConversationView, Member, Message, MessageChange, NewConversation, NewMessage,
+    Page, ReceiptKind,
+};
+
+/// The outcome of [`MessageStore::append`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The stored message (the original one for a retry).
+    pub message: Message,
+    /// True when `(conversation, sender, client_msg_id)` was already stored.
+    pub duplicate: bool,
+}
+
+/// The outcome of [`MessageStore::set_marker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkerUpdate {
+    /// The marker after the call (never lower than before).
+    pub seq: u64,
+    /// Whether the call moved it.
+    pub moved: bool,
+}
+
+/// Durable storage of conversations and their timelines.
+///
+/// Implementations: [`crate::memory::MemoryStore`] (embedded default), `chat_store::RedisStore`,
+/// `chat_store::ScyllaStore`.
+#[async_trait]
+pub trait MessageStore: Send + Sync + Debug + 'static {
+    // ---- timelines ----
+
+    /// Appends a message: checks that the sender is a member ([`crate::Error::NotMember`]),
+    /// assigns the next seq and stores it durably, idempotently (see the module docs).
+    /// [`crate::Error::NotFound`] for an unknown conversation.
+    async fn append(&self, message: NewMessage) -> Result<Appended>;
+
+    /// One message.
+    async fn message(&self, conversation: ConversationId, id: MessageId)
+    -> Result<Option<Message>>;
+
+    /// Edits or deletes a message of `by`: [`crate::Error::Forbidden`] when `by` is not the
+    /// sender, [`crate::Error::NotFound`] when there is no such message. Bumps `version`.
+    async fn change_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        by: &UserId,
+        change: MessageChange,
+        now: u64,
+    ) -> Result<Message>;
+
+    /// Up to `limit` messages with `seq < before` (all when `None`), newest first.
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Message>>;
+
+    /// Up to `limit` messages with `seq > after`, oldest first (for sync).
+    async fn messages_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>>;
+
+    /// Seq of the newest message (0 when empty); [`crate::Error::NotFound`] for an unknown
+    /// conversation.
+    async fn last_seq(&self, conversation: ConversationId) -> Result<u64>;
+
+    // ---- conversations and members ----
+
+    /// Creates a conversation. The creator is always a member (`owner` of a group). A direct
+    /// conversation needs exactly two distinct members; if one already exists between them it
+    /// is returned instead of a new one.
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation>;
+
+    /// A conversation with its members.
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>>;
+
+    /// One member entry (the hot-path membership check).
+    async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>>;
+
+    /// Adds members (role `member`); returns the users that were not members before.
+    async fn add_members(
+        &self,
+        conversation: ConversationId,
+        users: &[UserId],
+        now: u64,
+    ) -> Result<Vec<UserId>>;
+
+    /// Removes a member; returns whether they were one.
+    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool>;
+
+    /// Every conversation the user is a member of (unordered).
+    async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>>;
+
+    /// The user's conversations, most recent activity first, `limit` per page. `after` is the
+    /// `last_activity` of the last conversation of the previous page.
+    async fn list_conversations(
+        &self,
+        user: &UserId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<ConversationView, u64>>;
+
+    /// Moves the user's delivered or read marker forward to `seq` (clamped to the last seq).
+    /// [`crate::Error::NotMember`] when the user is not a member.
+    async fn set_marker(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+        kind: ReceiptKind,
+        seq: u64,
+    ) -> Result<MarkerUpdate>;
+
+    /// Messages from other members after the user's read marker, not counting deleted ones.
+    async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64>;
+}
+
+/// A shared, dynamically chosen store.
+pub type DynMessageStore = Arc<dyn MessageStore>;
+
+#[async_trait]
+impl<T: MessageStore + ?Sized> MessageStore for Arc<T> {
+    async fn append(&self, message: NewMessage) -> Result<Appended> {
+        (**self).append(message).await
+    }
+    async fn message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+    ) -> Result<Option<Message>> {
+        (**self).message(conversation, id).await
+    }
+    async fn change_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        by: &UserId,
+        change: MessageChange,
+        now: u64,
+    ) -> Result<Message> {
+        (**self)
+            .change_message(conversation, id, by, change, now)
+            .await
+    }
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        (**self).history(conversation, before, limit).await
+    }
+    async fn messages_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        (**self).messages_after(conversation, after, limit).await
+    }
+    async fn last_seq(&self, conversation: ConversationId) -> Result<u64> {
+        (**self).last_seq(conversation).await
+    }
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
+        (**self).create_conversation(new).await
+    }
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        (**self).conversation(id).await
+    }
+    async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>> {
+        (**self).member(conversation, user).await
+    }
+    async fn add_members(
+        &self,
+        conversation: ConversationId,
+        users: &[UserId],
+        now: u64,
+    ) -> Result<Vec<UserId>> {
+        (**self).add_members(conversation, users, now).await
+    }
+    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+        (**self).remove_member(conversation, user).await
+    }
+    async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
+        (**self).conversation_ids(user).await
+    }
+    async fn list_conversations(
+        &self,
+        user: &UserId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<ConversationView, u64>> {
+        (**self).list_conversations(user, after, limit).await
+    }
+    async fn set_marker(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+        kind: ReceiptKind,
+        seq: u64,
+    ) -> Result<MarkerUpdate> {
+        (**self).set_marker(conversation, user, kind, seq).await
+    }
+    async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
+        (**self).unread(conversation, user).await
+    }
+}

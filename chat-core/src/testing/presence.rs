@@ -1,0 +1,1 @@
+//! Conformance suite (stub, to be written).
