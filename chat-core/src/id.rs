@@ -89,6 +89,9 @@ impl std::borrow::Borrow<str> for UserId {
 pub struct NodeId(u16);
 
 impl NodeId {
+    /// Node 0, the single-node default.
+    pub const ZERO: Self = Self(0);
+
     /// A node id, checked against [`MAX_NODE_ID`].
     pub fn new(id: u16) -> Result<Self, Error> {
         if id > MAX_NODE_ID {
@@ -318,9 +321,7 @@ impl SnowflakeGenerator {
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                return (ms << (NODE_BITS + SEQ_BITS))
-                    | (u64::from(self.node.0) << SEQ_BITS)
-                    | seq;
+                return (ms << (NODE_BITS + SEQ_BITS)) | (u64::from(self.node.0) << SEQ_BITS) | seq;
             }
         }
     }
@@ -411,7 +412,9 @@ mod tests {
         let g = SnowflakeGenerator::new(NodeId::new(9).unwrap());
         let mut per_ms = std::collections::HashMap::<u64, u32>::new();
         for _ in 0..50_000 {
-            *per_ms.entry(g.next_raw() >> (NODE_BITS + SEQ_BITS)).or_default() += 1;
+            *per_ms
+                .entry(g.next_raw() >> (NODE_BITS + SEQ_BITS))
+                .or_default() += 1;
         }
         assert!(per_ms.values().all(|&c| c <= 4096));
         assert_eq!(per_ms.values().sum::<u32>(), 50_000);

@@ -43,14 +43,19 @@ impl Media {
     pub fn validate(&self) -> Result<()> {
         let url_ok = (self.url.starts_with("https://") || self.url.starts_with("http://"))
             && self.url.len() <= Self::MAX_URL_LEN
-            && !self.url.chars().any(|c| c.is_control() || c.is_whitespace());
+            && !self
+                .url
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace());
         if !url_ok {
             return Err(Error::invalid(
                 "media.url must be an http(s) URL of at most 2048 bytes",
             ));
         }
         if self.mime.is_empty() || self.mime.len() > 255 || !self.mime.contains('/') {
-            return Err(Error::invalid("media.mime must be a MIME type like image/png"));
+            return Err(Error::invalid(
+                "media.mime must be a MIME type like image/png",
+            ));
         }
         if self.name.as_ref().is_some_and(|n| n.len() > 1024) {
             return Err(Error::invalid("media.name is longer than 1024 bytes"));

@@ -261,7 +261,9 @@ impl Frame {
     /// # Panics
     /// If `slot >= CODEC_SLOTS` (a programming error in a codec, not reachable from input).
     pub fn encoded(&self, slot: usize, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
-        self.encoded[slot].get_or_init(|| encode(&self.event)).clone()
+        self.encoded[slot]
+            .get_or_init(|| encode(&self.event))
+            .clone()
     }
 }
 

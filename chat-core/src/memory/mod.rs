@@ -6,7 +6,9 @@
 mod presence;
 mod router;
 mod store;
+mod transport;
 
 pub use presence::MemoryPresence;
 pub use router::{MemoryRouter, MemoryRouterHub};
 pub use store::MemoryStore;
+pub use transport::{InProcessClient, InProcessTransport};

@@ -1,0 +1,109 @@
+//! Engine counters, read by `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::error::ErrorCode;
+
+const CODES: [ErrorCode; 8] = [
+    ErrorCode::Unauthorized,
+    ErrorCode::Forbidden,
+    ErrorCode::NotMember,
+    ErrorCode::NotFound,
+    ErrorCode::Invalid,
+    ErrorCode::TooLarge,
+    ErrorCode::RateLimited,
+    ErrorCode::Internal,
+];
+
+/// Monotonic counters (relaxed atomics: they are statistics, not synchronization).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    connections_total: AtomicU64,
+    disconnections_total: AtomicU64,
+    commands: AtomicU64,
+    messages_sent: AtomicU64,
+    deliveries: AtomicU64,
+    replies: AtomicU64,
+    slow_consumers: AtomicU64,
+    router_errors: AtomicU64,
+    errors: [AtomicU64; 8],
+}
+
+impl Stats {
+    pub(crate) fn connected(&self) {
+        self.connections_total.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn disconnected(&self) {
+        self.disconnections_total.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn command(&self) {
+        self.commands.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn message_sent(&self) {
+        self.messages_sent.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn delivered(&self, n: usize) {
+        if n > 0 {
+            self.deliveries.fetch_add(n as u64, Relaxed);
+        }
+    }
+    pub(crate) fn replied(&self) {
+        self.replies.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn slow_consumer(&self) {
+        self.slow_consumers.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn router_error(&self) {
+        self.router_errors.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_error(&self, code: ErrorCode) {
+        if let Some(i) = CODES.iter().position(|c| *c == code) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self, connections: usize) -> StatsSnapshot {
+        StatsSnapshot {
+            connections: connections as u64,
+            connections_total: self.connections_total.load(Relaxed),
+            disconnections_total: self.disconnections_total.load(Relaxed),
+            commands: self.commands.load(Relaxed),
+            messages_sent: self.messages_sent.load(Relaxed),
+            deliveries: self.deliveries.load(Relaxed),
+            replies: self.replies.load(Relaxed),
+            slow_consumers: self.slow_consumers.load(Relaxed),
+            router_errors: self.router_errors.load(Relaxed),
+            errors: CODES
+                .iter()
+                .zip(&self.errors)
+                .map(|(c, n)| (*c, n.load(Relaxed)))
+                .collect(),
+        }
+    }
+}
+
+/// A point-in-time copy of the engine counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Connections open on this node now.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Connections closed since start.
+    pub disconnections_total: u64,
+    /// Commands executed.
+    pub commands: u64,
+    /// New messages stored (retries not counted).
+    pub messages_sent: u64,
+    /// Fan-out frames queued to local connections.
+    pub deliveries: u64,
+    /// Reply frames (acks, errors, sync) queued.
+    pub replies: u64,
+    /// Connections cut for reading too slowly.
+    pub slow_consumers: u64,
+    /// Failed router publishes.
+    pub router_errors: u64,
+    /// Error frames by code.
+    pub errors: Vec<(ErrorCode, u64)>,
+}

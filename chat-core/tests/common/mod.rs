@@ -1,0 +1,161 @@
+//! Helpers shared by the engine tests: build an engine, connect in-process clients, wait for
+//! specific events.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chat_core::memory::{InProcessClient, InProcessTransport};
+use chat_core::model::{ConversationKind, Message};
+use chat_core::protocol::SendMessage;
+use chat_core::{Chat, ChatConfig, Command, ConversationId, Event, UserId};
+
+/// How long a test waits for an event that must arrive.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits to be sure an event does not arrive.
+pub const QUIET: Duration = Duration::from_millis(150);
+
+pub struct Harness {
+    pub chat: Chat,
+    pub transport: InProcessTransport,
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(f: impl FnOnce(&mut ChatConfig)) -> Self {
+        let chat = Chat::builder().configure(f).build().await.unwrap();
+        let transport = InProcessTransport::new(chat.clone());
+        Self { chat, transport }
+    }
+
+    pub async fn connect(&self, user: &str) -> InProcessClient {
+        self.transport.connect(user).await.unwrap()
+    }
+
+    pub async fn group(&self, creator: &str, others: &[&str]) -> ConversationId {
+        let members: Vec<UserId> = others.iter().map(|u| UserId::from(*u)).collect();
+        self.chat
+            .create_conversation(
+                &UserId::from(creator),
+                ConversationKind::Group,
+                &members,
+                Some("g".into()),
+            )
+            .await
+            .unwrap()
+            .conversation
+            .id
+    }
+
+    pub async fn direct(&self, a: &str, b: &str) -> ConversationId {
+        self.chat
+            .create_conversation(
+                &UserId::from(a),
+                ConversationKind::Direct,
+                &[UserId::from(b)],
+                None,
+            )
+            .await
+            .unwrap()
+            .conversation
+            .id
+    }
+
+    pub async fn history(&self, user: &str, conv: ConversationId) -> Vec<Message> {
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self
+                .chat
+                .history(&UserId::from(user), conv, before, 100)
+                .await
+                .unwrap();
+            all.extend(page.items);
+            match page.next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+        }
+        all.reverse();
+        all
+    }
+}
+
+pub fn text(conv: ConversationId, client_msg_id: &str, content: &str) -> Command {
+    Command::Message(SendMessage {
+        conversation_id: conv,
+        client_msg_id: client_msg_id.into(),
+        content: content.into(),
+        kind: Default::default(),
+        media: None,
+        reply_to: None,
+    })
+}
+
+/// Receives until `pred` matches, failing after [`WAIT`]; returns the matching event.
+pub async fn expect<F: Fn(&Event) -> bool>(c: &mut InProcessClient, what: &str, pred: F) -> Event {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, c.recv()).await {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!(
+                "{}: connection closed while waiting for {what}",
+                c.user_id()
+            ),
+            Err(_) => panic!("{}: timed out waiting for {what}", c.user_id()),
+        }
+    }
+}
+
+/// The next event, which must arrive within [`WAIT`].
+pub async fn next(c: &mut InProcessClient) -> Event {
+    tokio::time::timeout(WAIT, c.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{}: no event", c.user_id()))
+        .unwrap_or_else(|| panic!("{}: closed", c.user_id()))
+}
+
+/// Asserts that nothing arrives for [`QUIET`].
+pub async fn expect_nothing(c: &mut InProcessClient) {
+    if let Ok(Some(e)) = tokio::time::timeout(QUIET, c.recv()).await {
+        panic!("{}: unexpected event {e:?}", c.user_id());
+    }
+}
+
+/// Sends a text message and returns its ack `(message_id, seq)`.
+pub async fn send_ok(
+    c: &mut InProcessClient,
+    conv: ConversationId,
+    cmid: &str,
+    body: &str,
+) -> (chat_core::MessageId, u64) {
+    c.send(text(conv, cmid, body)).await;
+    match expect(c, "message_ack", |e| {
+        matches!(e, Event::MessageAck { client_msg_id, .. } if client_msg_id == cmid)
+            || matches!(e, Event::Error { client_msg_id: Some(id), .. } if id == cmid)
+    })
+    .await
+    {
+        Event::MessageAck {
+            message_id, seq, ..
+        } => (message_id, seq),
+        other => panic!("send failed: {other:?}"),
+    }
+}
+
+/// Sends and expects an error with `code`; returns the message.
+pub async fn send_err(c: &mut InProcessClient, cmd: Command) -> (chat_core::ErrorCode, String) {
+    c.send(cmd).await;
+    match expect(c, "error", |e| {
+        matches!(e, Event::Error { .. } | Event::MessageAck { .. })
+    })
+    .await
+    {
+        Event::Error { code, message, .. } => (code, message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}

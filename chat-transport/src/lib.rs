@@ -1,0 +1,5 @@
+//! # chat-transport
+//!
+//! The WebSocket + HTTP gateway for `chat-core` (in progress): codecs first.
+
+pub mod codec;
