@@ -44,6 +44,55 @@ async fn message_is_acked_after_it_is_in_history_and_reaches_members() {
 }
 
 #[tokio::test]
+async fn no_ack_and_no_fan_out_until_the_store_has_the_message() {
+    let store = Arc::new(FaultStore::default());
+    let chat = chat_core::Chat::builder()
+        .store(store.clone())
+        .build()
+        .await
+        .unwrap();
+    let h = Harness {
+        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
+        chat,
+    };
+    let conv = h.direct("alice", "bob").await;
+    let mut alice = h.connect("alice").await;
+    let mut bob = h.connect("bob").await;
+
+    // The store is slow: the append is held at the gate.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *store.gate.lock().unwrap() = Some(gate.clone());
+    let session = alice.session().clone();
+    let sending = tokio::spawn(async move { session.handle(text(conv, "g1", "held")).await });
+    expect_nothing(&mut alice).await;
+    expect_nothing(&mut bob).await;
+    assert!(h.history("alice", conv).await.is_empty());
+    gate.add_permits(1);
+    sending.await.unwrap();
+    assert!(matches!(
+        next(&mut alice).await,
+        Event::MessageAck { seq: 1, .. }
+    ));
+    assert!(matches!(next(&mut bob).await, Event::Message { .. }));
+    *store.gate.lock().unwrap() = None;
+
+    // The store fails: an error, no ack, nothing delivered, nothing stored.
+    store
+        .fail_appends
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, _) = send_err(&mut alice, text(conv, "g2", "lost?")).await;
+    assert_eq!(code, ErrorCode::Internal);
+    expect_nothing(&mut bob).await;
+    // The client retries with the same key once the store is back: stored exactly once.
+    store
+        .fail_appends
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (_, seq) = send_ok(&mut alice, conv, "g2", "lost?").await;
+    assert_eq!(seq, 2);
+    assert_eq!(h.history("alice", conv).await.len(), 2);
+}
+
+#[tokio::test]
 async fn acked_messages_survive_the_engine_going_away() {
     let store: chat_core::store::DynMessageStore = Arc::new(chat_core::memory::MemoryStore::new());
     let chat = chat_core::Chat::builder()

@@ -159,3 +159,121 @@ pub async fn send_err(c: &mut InProcessClient, cmd: Command) -> (chat_core::Erro
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+/// A real [`MemoryStore`](chat_core::memory::MemoryStore) with fault injection on `append`:
+/// appends can be held at a gate (to observe what happens before the store answers) or made
+/// to fail (a backend outage).
+#[derive(Debug, Default)]
+pub struct FaultStore {
+    pub inner: chat_core::memory::MemoryStore,
+    /// When set, `append` waits for a permit before storing.
+    pub gate: std::sync::Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
+    /// When true, `append` fails with `Unavailable` without storing.
+    pub fail_appends: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl chat_core::MessageStore for FaultStore {
+    async fn append(
+        &self,
+        m: chat_core::model::NewMessage,
+    ) -> chat_core::Result<chat_core::store::Appended> {
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        if self.fail_appends.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(chat_core::Error::unavailable("fault", "injected outage"));
+        }
+        self.inner.append(m).await
+    }
+    async fn message(
+        &self,
+        c: ConversationId,
+        id: chat_core::MessageId,
+    ) -> chat_core::Result<Option<Message>> {
+        self.inner.message(c, id).await
+    }
+    async fn change_message(
+        &self,
+        c: ConversationId,
+        id: chat_core::MessageId,
+        by: &UserId,
+        change: chat_core::model::MessageChange,
+        now: u64,
+    ) -> chat_core::Result<Message> {
+        self.inner.change_message(c, id, by, change, now).await
+    }
+    async fn history(
+        &self,
+        c: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> chat_core::Result<Vec<Message>> {
+        self.inner.history(c, before, limit).await
+    }
+    async fn messages_after(
+        &self,
+        c: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> chat_core::Result<Vec<Message>> {
+        self.inner.messages_after(c, after, limit).await
+    }
+    async fn last_seq(&self, c: ConversationId) -> chat_core::Result<u64> {
+        self.inner.last_seq(c).await
+    }
+    async fn create_conversation(
+        &self,
+        n: chat_core::model::NewConversation,
+    ) -> chat_core::Result<chat_core::model::Conversation> {
+        self.inner.create_conversation(n).await
+    }
+    async fn conversation(
+        &self,
+        c: ConversationId,
+    ) -> chat_core::Result<Option<chat_core::model::Conversation>> {
+        self.inner.conversation(c).await
+    }
+    async fn member(
+        &self,
+        c: ConversationId,
+        u: &UserId,
+    ) -> chat_core::Result<Option<chat_core::model::Member>> {
+        self.inner.member(c, u).await
+    }
+    async fn add_members(
+        &self,
+        c: ConversationId,
+        users: &[UserId],
+        now: u64,
+    ) -> chat_core::Result<Vec<UserId>> {
+        self.inner.add_members(c, users, now).await
+    }
+    async fn remove_member(&self, c: ConversationId, u: &UserId) -> chat_core::Result<bool> {
+        self.inner.remove_member(c, u).await
+    }
+    async fn conversation_ids(&self, u: &UserId) -> chat_core::Result<Vec<ConversationId>> {
+        self.inner.conversation_ids(u).await
+    }
+    async fn list_conversations(
+        &self,
+        u: &UserId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> chat_core::Result<chat_core::model::Page<chat_core::model::ConversationView, u64>> {
+        self.inner.list_conversations(u, after, limit).await
+    }
+    async fn set_marker(
+        &self,
+        c: ConversationId,
+        u: &UserId,
+        kind: chat_core::model::ReceiptKind,
+        seq: u64,
+    ) -> chat_core::Result<chat_core::store::MarkerUpdate> {
+        self.inner.set_marker(c, u, kind, seq).await
+    }
+    async fn unread(&self, c: ConversationId, u: &UserId) -> chat_core::Result<u64> {
+        self.inner.unread(c, u).await
+    }
+}

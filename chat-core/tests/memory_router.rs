@@ -1,0 +1,15 @@
+//! The router conformance suite against [`MemoryRouterHub`].
+
+use std::sync::Arc;
+
+use chat_core::NodeId;
+use chat_core::memory::MemoryRouterHub;
+use chat_core::router::DynRouter;
+
+chat_core::router_conformance_tests!(|nodes: Vec<NodeId>| async move {
+    let hub = MemoryRouterHub::new();
+    nodes
+        .into_iter()
+        .map(|node| Arc::new(hub.router(node)) as DynRouter)
+        .collect::<Vec<_>>()
+});
