@@ -240,6 +240,8 @@ pub struct Frame {
     event: Event,
     /// One lazily filled encoding per codec slot.
     encoded: [OnceLock<Bytes>; CODEC_SLOTS],
+    /// When the frame was made (for fan-out latency metrics).
+    created: std::time::Instant,
 }
 
 impl Frame {
@@ -248,12 +250,18 @@ impl Frame {
         Self {
             event,
             encoded: Default::default(),
+            created: std::time::Instant::now(),
         }
     }
 
     /// The event.
     pub fn event(&self) -> &Event {
         &self.event
+    }
+
+    /// How long ago the frame was made (the event was ready to send).
+    pub fn age(&self) -> std::time::Duration {
+        self.created.elapsed()
     }
 
     /// The encoding for codec `slot` (`0..CODEC_SLOTS`), computed by `encode` at most once.

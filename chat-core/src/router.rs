@@ -35,6 +35,8 @@ pub enum Topic {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
+// Envelopes are built once per publish and moved, never stored in bulk: no need to box.
+#[allow(clippy::large_enum_variant)]
 pub enum Payload {
     /// Deliver an event to the topic's local connections.
     Event {

@@ -6,7 +6,17 @@
 //! * `append` is idempotent on `(conversation, sender, client_msg_id)`: a retry returns the
 //!   original message with `duplicate = true` and stores nothing new.
 //! * `append` returns only once the message is durable for that backend.
-//! * Markers only move forward and are clamped to the conversation's last seq.
+//! * Markers only move forward and are clamped to the conversation's last seq; reading up to N
+//!   also marks delivered up to N. Members added later start with both markers at the
+//!   conversation's `last_seq` at the time they join (history before that is not unread).
+//! * A freshly appended message keeps the `message_id` it was given.
+//! * Editing or deleting a deleted message is [`crate::Error::Invalid`].
+//! * `limit = 0` returns an empty page.
+//! * For an unknown conversation, `member` returns `Ok(None)` or [`crate::Error::NotFound`]
+//!   (callers treat both as "not a member"); `append`, `set_marker` and `last_seq` return
+//!   `NotFound`.
+//! * A direct conversation has exactly its two members: `add_members` of anyone else is
+//!   [`crate::Error::Invalid`] (the engine also refuses member changes on direct conversations).
 
 use std::fmt::Debug;
 use std::sync::Arc;

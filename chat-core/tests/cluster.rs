@@ -162,7 +162,7 @@ async fn membership_changes_reach_the_node_where_the_user_is_online() {
     let carol_id = UserId::from("carol");
     let owner_id = UserId::from("owner");
     c.chat(0)
-        .add_members(&owner_id, conv, &[carol_id.clone()])
+        .add_members(&owner_id, conv, std::slice::from_ref(&carol_id))
         .await
         .unwrap();
     // The membership envelope crosses nodes asynchronously; wait until carol gets traffic.

@@ -1,57 +1,4 @@
-//! In-memory [`PresenceTracker`]: sessions, heartbeats with a TTL and a debounced offline, in
-//! one process.
-//!
-//! # How it works
-//!
-//! Users are spread over [`SHARDS`] shards, each a `std::sync::Mutex` around a map
-//! `user → UserState` and an ordered set of `(deadline, user)`. A user's *deadline* is the
-//! earliest moment something happens to them on its own: one of their sessions expires (last
-//! heartbeat + TTL) or their debounced offline comes due. Every critical section is short and
-//! synchronous (no lock is ever held across an `.await`).
-//!
-//! State changes are applied in two places, by the same code ([`UserState::settle`]):
-//! * lazily, by every call that touches a user: a read at time `t` always reflects every
-//!   deadline up to `t`, even if the sweeper has not run yet;
-//! * by the sweeper, a background task that sleeps until the earliest deadline of all shards
-//!   (`tokio::time::sleep_until`, so it follows tokio's paused clock in tests) and is woken by a
-//!   [`Notify`] whenever an earlier deadline appears. It is what makes offline *events* timely.
-//!
-//! The sweeper holds only a [`Weak`] reference and exits when the tracker is dropped. It is
-//! spawned on the tokio runtime of the first `connect`/`disconnect`/`heartbeat` call (so
-//! [`MemoryPresence::new`] works anywhere, also outside a runtime), and spawned again if that
-//! runtime shuts down and a later call comes from another runtime. Without a runtime (e.g. a
-//! future polled by a non-tokio executor) state stays correct, but offline events are only
-//! emitted when a later call touches the user.
-//!
-//! # Semantics
-//!
-//! * A user is online while at least one session is alive; several devices are several sessions.
-//! * `connect` (or a heartbeat of an unknown session, see below) of an offline or never-seen user
-//!   turns them online and emits `Presence { Online, last_seen: Some(now) }`. A connect while a
-//!   debounced offline is pending cancels it: no event at all (no flap).
-//! * When the last session ends (`disconnect`, or expiry: not heartbeated for the TTL) the
-//!   offline is scheduled `offline_debounce` later; when it comes due with still no session the
-//!   user turns offline and `Presence { Offline, last_seen: Some(end) }` is emitted, where `end`
-//!   is the wall-clock time the last session ended: the disconnect time, or for an expired
-//!   session its last heartbeat (the last time it was known alive). An expired session's
-//!   debounce runs from the expiry (last heartbeat + TTL).
-//! * `heartbeat` of an unknown session (expired, or never connected) **re-creates** it, exactly
-//!   like `connect`. This heals a session that expired because its node stalled past the TTL
-//!   while the client stayed connected. The price: a heartbeat racing with `disconnect` (sent
-//!   from a snapshot taken just before the disconnect) resurrects the session until it expires
-//!   again (TTL + debounce); the engine keeps that window small by heartbeating only sessions
-//!   it still holds.
-//! * `presence` of an online user reports `last_seen = now`; of a never-seen user `Offline` with
-//!   `last_seen: None`.
-//! * `watch`/`unwatch` are no-ops: in one process every change is broadcast.
-//!
-//! # Memory
-//!
-//! Bounded by the number of users ever seen plus live sessions: a user who went offline keeps one
-//! small entry (about 100 bytes plus the id) holding `last_seen`, which presence must keep
-//! answering. Queries for unknown users allocate nothing. The change channel is a
-//! [`broadcast`] channel of [`CHANGES_CAPACITY`] events; a receiver that lags gets
-//! `RecvError::Lagged` and should re-read [`PresenceTracker::presence`].
+//! In-memory [`PresenceTracker`]: see [`MemoryPresence`].
 
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeSet, HashMap};
@@ -71,10 +18,7 @@ use crate::presence::{PresenceConfig, PresenceTracker};
 use crate::time::now_ms;
 
 /// Number of lock shards users are spread over.
-pub const SHARDS: usize = 32;
-
-/// Capacity of the [`PresenceTracker::changes`] broadcast channel.
-pub const CHANGES_CAPACITY: usize = 1024;
+const SHARDS: usize = 32;
 
 /// In-memory presence for a single process (the embedded default).
 ///
@@ -96,18 +40,68 @@ pub const CHANGES_CAPACITY: usize = 1024;
 /// # Ok(()) }
 /// ```
 ///
-/// See the [module docs](self) for the exact semantics. Construction needs no runtime: the
-/// background sweeper is spawned by the first mutating call, on that call's tokio runtime.
-/// Dropping the tracker stops the sweeper.
+/// # Runtime
+///
+/// Construction needs no runtime. A background *sweeper* task turns users offline when their
+/// debounce (or a session's TTL) runs out; it is spawned on the tokio runtime of the first
+/// `connect`/`disconnect`/`heartbeat` call, and again if that runtime shuts down and a later
+/// call comes from another one. It holds only a weak reference and exits when the tracker is
+/// dropped. It follows tokio's clock, so tests may use the paused clock. Without a tokio
+/// runtime (a future polled by another executor) answers stay correct, but offline changes are
+/// only broadcast when a later call touches the user.
+///
+/// # Semantics
+///
+/// * A user is online while at least one session is alive; several devices are several sessions.
+/// * `connect` (or a heartbeat of an unknown session, see below) of an offline or never-seen user
+///   turns them online and broadcasts `Presence { Online, last_seen: Some(now) }`. A connect
+///   while a debounced offline is pending cancels it: no change at all (no flap).
+/// * When the last session ends (`disconnect`, or expiry: not heartbeated for the TTL) the
+///   offline is scheduled `offline_debounce` later; when it comes due with still no session the
+///   user turns offline and `Presence { Offline, last_seen: Some(end) }` is broadcast, where
+///   `end` is the wall-clock time the last session ended: the disconnect time, or for an expired
+///   session its last heartbeat (the last time it was known alive). An expired session's
+///   debounce runs from the expiry (last heartbeat + TTL).
+/// * `heartbeat` of an unknown session (expired, or never connected) **re-creates** it, exactly
+///   like `connect`. This heals a session that expired because its node stalled past the TTL
+///   while the client stayed connected. The price: a heartbeat racing with `disconnect` (sent
+///   from a snapshot taken just before the disconnect) resurrects the session until it expires
+///   again (TTL + debounce); the engine keeps that window small by heartbeating only sessions
+///   it still holds. `disconnect` of an unknown session does nothing.
+/// * `presence` of an online user reports `last_seen = now`; of a never-seen user `Offline` with
+///   `last_seen: None`. `is_connected` has no debounce.
+/// * `watch`/`unwatch` are no-ops: in one process every change is broadcast.
+///
+/// # Memory
+///
+/// Bounded by the number of users ever seen plus live sessions: a user who went offline keeps
+/// one small entry (about 100 bytes plus the id) holding `last_seen`, which presence must keep
+/// answering. Queries for unknown users allocate nothing. Changes go to a [`broadcast`] channel
+/// of [`CHANGES_CAPACITY`](Self::CHANGES_CAPACITY) events; a receiver that lags gets `RecvError::Lagged` and should
+/// re-read [`PresenceTracker::presence`].
+//
+// How it works: users are spread over `SHARDS` shards, each a `std::sync::Mutex` around a map
+// `user → UserState` and an ordered set of `(deadline, user)`. A user's deadline is the earliest
+// moment something happens to them on its own: a session expires (last heartbeat + TTL) or the
+// debounced offline comes due. Every critical section is short and synchronous (no lock is held
+// across an `.await`). State changes are applied by one function, `UserState::settle`, in two
+// places: lazily by every call that touches a user (a read at time t reflects every deadline up
+// to t even if the sweeper has not run yet), and by the sweeper, which sleeps until the earliest
+// deadline of all shards (`timeout_at`) and is woken through a `Notify` when a deadline earlier
+// than the one it sleeps on appears (`sweeper_target`). The sweeper is what makes the offline
+// *broadcasts* timely.
 pub struct MemoryPresence {
     /// Everything the sweeper also needs (it holds only a `Weak` to it).
     shared: Arc<Shared>,
 }
 
 impl MemoryPresence {
+    /// Capacity of the [`PresenceTracker::changes`] broadcast channel.
+    pub const CHANGES_CAPACITY: usize = 1024;
+
     /// A tracker with this timing. Works outside a tokio runtime (see the type docs).
     pub fn new(config: PresenceConfig) -> Self {
-        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
+        let (changes, _) = broadcast::channel(Self::CHANGES_CAPACITY);
         let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
         Self {
             shared: Arc::new(Shared {

@@ -1,56 +1,4 @@
-//! In-process [`Router`]: several engines in one process (multi-node tests, embedded clusters)
-//! share a [`MemoryRouterHub`]; each gets its own [`MemoryRouter`].
-//!
-//! ```
-//! use std::sync::Arc;
-//! use chat_core::memory::MemoryRouterHub;
-//! use chat_core::router::{DynRouter, Envelope, Inbound, Payload, Topic};
-//! use chat_core::{ConversationId, NodeId, Router, UserId};
-//! use tokio::sync::mpsc;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> chat_core::Result<()> {
-//! let hub = MemoryRouterHub::new();
-//! let (a, b): (DynRouter, DynRouter) = (
-//!     Arc::new(hub.router(NodeId::new(1)?)),
-//!     Arc::new(hub.router(NodeId::new(2)?)),
-//! );
-//! let (tx, mut b_inbox) = mpsc::channel(64);
-//! b.start(tx).await?;
-//! let topic = Topic::Conversation(ConversationId::from_raw(7));
-//! b.subscribe(&topic).await?;
-//! a.publish(Envelope {
-//!     origin: NodeId::new(1)?,
-//!     topic: topic.clone(),
-//!     payload: Payload::Membership {
-//!         conversation_id: ConversationId::from_raw(7),
-//!         user_id: UserId::from("bob"),
-//!         joined: true,
-//!     },
-//! })
-//! .await?;
-//! assert!(matches!(b_inbox.recv().await, Some(Inbound::Envelope(e)) if e.topic == topic));
-//! # Ok(()) }
-//! ```
-//!
-//! # Design
-//!
-//! The hub holds one map `topic → subscribed nodes` behind a `std::sync::RwLock`. Publishing
-//! takes the read lock only, and hands the (shared, `Arc`'d) envelope to each other subscribed
-//! node's inbox with a non-blocking `try_send` while holding it: publishers never block each
-//! other, nor wait for a slow node. Subscribing and unsubscribing take the write lock briefly.
-//!
-//! A node's inbox is the bounded channel given to [`Router::start`]. When it is full the
-//! envelope is dropped **for that node only** and the node is marked lagged; it then receives
-//! [`Inbound::Lagged`] as soon as its inbox has room (a small task waits for the capacity, so
-//! the notice arrives even if nothing else is ever published), and any envelope published while
-//! the notice is pending is dropped too (it is older than the resync the notice triggers, and
-//! dropping it frees room for the notice). Every dropped envelope was therefore dropped before
-//! the `Lagged` that covers it was enqueued.
-//!
-//! Dropping a [`MemoryRouter`] removes its node from every topic. The node that publishes never
-//! receives its own envelope, even when subscribed to the topic; the publishing router's
-//! [`NodeId`] decides (the envelope's `origin` field is carried, not trusted).
+//! In-process [`Router`]: see [`MemoryRouterHub`].
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -64,7 +12,61 @@ use crate::error::Result;
 use crate::id::NodeId;
 use crate::router::{Envelope, Inbound, Router, Topic};
 
-/// The shared hub of an in-process cluster. Cheap to clone (a handle).
+/// The shared hub of an in-process cluster: several engines in one process (multi-node tests,
+/// embedded clusters) each get their own [`MemoryRouter`] from one hub. Cheap to clone (a
+/// handle).
+///
+/// ```
+/// use std::sync::Arc;
+/// use chat_core::memory::MemoryRouterHub;
+/// use chat_core::router::{DynRouter, Envelope, Inbound, Payload, Topic};
+/// use chat_core::{ConversationId, NodeId, Router, UserId};
+/// use tokio::sync::mpsc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> chat_core::Result<()> {
+/// let hub = MemoryRouterHub::new();
+/// let (a, b): (DynRouter, DynRouter) = (
+///     Arc::new(hub.router(NodeId::new(1)?)),
+///     Arc::new(hub.router(NodeId::new(2)?)),
+/// );
+/// let (tx, mut b_inbox) = mpsc::channel(64);
+/// b.start(tx).await?;
+/// let topic = Topic::Conversation(ConversationId::from_raw(7));
+/// b.subscribe(&topic).await?;
+/// a.publish(Envelope {
+///     origin: NodeId::new(1)?,
+///     topic: topic.clone(),
+///     payload: Payload::Membership {
+///         conversation_id: ConversationId::from_raw(7),
+///         user_id: UserId::from("bob"),
+///         joined: true,
+///     },
+/// })
+/// .await?;
+/// assert!(matches!(b_inbox.recv().await, Some(Inbound::Envelope(e)) if e.topic == topic));
+/// # Ok(()) }
+/// ```
+///
+/// # Design
+///
+/// The hub holds one map `topic → subscribed nodes` behind a `std::sync::RwLock`. Publishing
+/// takes the read lock only, and hands the (shared, `Arc`'d) envelope to each other subscribed
+/// node's inbox with a non-blocking `try_send` while holding it: publishers never block each
+/// other, nor wait for a slow node. Subscribing and unsubscribing take the write lock briefly.
+///
+/// A node's inbox is the bounded channel given to [`Router::start`]. When it is full the
+/// envelope is dropped **for that node only** and the node is marked lagged; it then receives
+/// [`Inbound::Lagged`] as soon as its inbox has room (a small task waits for the capacity, so
+/// the notice arrives even if nothing else is ever published; without a tokio runtime the next
+/// delivery to the node sends it first). Envelopes published while the notice is pending are
+/// dropped too: the resync the notice triggers covers them, and the room goes to the notice.
+/// Every envelope is dropped *before* the `Lagged` that covers it is enqueued, so the engine's
+/// resync, which starts when it reads the notice, sees everything that was lost.
+///
+/// Dropping a [`MemoryRouter`] removes its node from every topic. The node that publishes never
+/// receives its own envelope, even when subscribed to the topic; the publishing router's
+/// [`NodeId`] decides (the envelope's `origin` field is carried, not trusted).
 #[derive(Clone, Default)]
 pub struct MemoryRouterHub {
     /// Subscriptions of every node of this hub.

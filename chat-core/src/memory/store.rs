@@ -104,7 +104,12 @@ type UserIndex = BTreeSet<(Reverse<u64>, ConversationId)>;
 ///   [`message`](MessageStore::message), `history`, `messages_after`, `unread`,
 ///   `remove_member`) are [`Error::NotFound`]; [`conversation`](MessageStore::conversation)
 ///   returns `None`.
+/// * `unread` of a user who is not a member is [`Error::NotMember`].
 /// * A `limit` of 0 returns an empty page (with `next: None` for `list_conversations`).
+/// * `list_conversations` is not a snapshot: the page is cut from the user's index, then each
+///   conversation is read as it is now. A conversation with a message newer than the page's
+///   cursor shows its newer state (and comes first on the next listing from the top); one the
+///   user left in between is skipped. `next` is always the index key of the page's last entry.
 /// * A `NewConversation::id` already in use is [`Error::Conflict`]; so is a
 ///   `NewMessage::message_id` already used by another message of the conversation.
 pub struct MemoryStore {
@@ -333,18 +338,24 @@ impl MemoryStore {
                             .insert((Reverse(to), conv));
                     }
                     IndexOp::Move { from, to } => {
-                        // Members are always indexed; `or_default` only guards against a bug
-                        // leaving the store unusable.
-                        let index = map.entry(user.clone()).or_default();
-                        index.remove(&(Reverse(from), conv));
-                        index.insert((Reverse(to), conv));
+                        // The hot path (every member on every append): no key clone when
+                        // the user is indexed, which members always are.
+                        if let Some(index) = map.get_mut(user) {
+                            index.remove(&(Reverse(from), conv));
+                            index.insert((Reverse(to), conv));
+                        } else {
+                            map.entry(user.clone())
+                                .or_default()
+                                .insert((Reverse(to), conv));
+                        }
                     }
                     IndexOp::Remove(from) => {
-                        if let Entry::Occupied(mut e) = map.entry(user.clone()) {
-                            e.get_mut().remove(&(Reverse(from), conv));
-                            if e.get().is_empty() {
-                                e.remove();
-                            }
+                        let now_empty = map.get_mut(user).is_some_and(|index| {
+                            index.remove(&(Reverse(from), conv));
+                            index.is_empty()
+                        });
+                        if now_empty {
+                            map.remove(user);
                         }
                     }
                 }
@@ -380,7 +391,8 @@ impl MemoryStore {
         }
         let cell: ConvCell = Arc::new(Mutex::new(state));
         // Hold the conversation's lock while publishing and indexing: anyone who finds it in
-        // the map or an index waits until it is complete.
+        // the map or an index waits until it is complete. (Taking the map lock after this
+        // conversation's lock cannot deadlock: nobody else can reach it yet.)
         let guard = lock(&cell);
         match write(self.conv_shard(new.id)).entry(new.id) {
             Entry::Occupied(_) => {
@@ -723,5 +735,311 @@ impl MessageStore for MemoryStore {
 
     async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
         lock(&*self.get(conversation)?).unread(user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::id::{NodeId, SnowflakeGenerator};
+    use crate::model::MessageKind;
+
+    fn ids() -> SnowflakeGenerator {
+        SnowflakeGenerator::new(NodeId::new(17).unwrap())
+    }
+
+    fn msg(ids: &SnowflakeGenerator, conv: ConversationId, from: &UserId, key: &str) -> NewMessage {
+        NewMessage {
+            message_id: ids.message_id(),
+            conversation_id: conv,
+            sender_id: from.clone(),
+            client_msg_id: key.to_owned(),
+            kind: MessageKind::Text,
+            content: key.to_owned(),
+            media: None,
+            reply_to: None,
+            created_at: 1,
+        }
+    }
+
+    fn new_conv(
+        ids: &SnowflakeGenerator,
+        kind: ConversationKind,
+        creator: &UserId,
+        members: &[UserId],
+    ) -> NewConversation {
+        NewConversation {
+            id: ids.conversation_id(),
+            kind,
+            name: None,
+            creator: creator.clone(),
+            members: members.to_vec(),
+            created_at: 1,
+        }
+    }
+
+    /// Every member of every conversation is indexed under the conversation's current
+    /// `last_activity`, and nothing else is indexed.
+    fn assert_index_consistent(store: &MemoryStore) {
+        let mut expected: BTreeSet<(UserId, u64, ConversationId)> = BTreeSet::new();
+        for shard in store.conversations.iter() {
+            for cell in read(shard).values() {
+                let st = lock(cell);
+                for user in st.members.keys() {
+                    expected.insert((user.clone(), st.last_activity, st.id));
+                }
+            }
+        }
+        let mut actual = BTreeSet::new();
+        for shard in store.users.iter() {
+            for (user, index) in lock(shard).iter() {
+                assert!(!index.is_empty(), "empty index kept for {user}");
+                for &(Reverse(activity), id) in index {
+                    actual.insert((user.clone(), activity, id));
+                }
+            }
+        }
+        assert_eq!(actual, expected);
+    }
+
+    /// Unread by definition: a scan of the timeline.
+    fn naive_unread(st: &ConvState, user: &UserId) -> u64 {
+        let read = st.members[user].member.last_read_seq;
+        st.messages
+            .iter()
+            .filter(|m| m.seq > read && &m.sender_id != user && !m.deleted)
+            .count() as u64
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn user_index_stays_consistent_under_concurrent_mixed_operations() {
+        let store = Arc::new(MemoryStore::new());
+        let ids = Arc::new(ids());
+        let users: Vec<UserId> = (0..8).map(|i| UserId::from(format!("u{i}"))).collect();
+        let mut convs = Vec::new();
+        for i in 0..6 {
+            let c = store
+                .create_conversation(new_conv(
+                    &ids,
+                    ConversationKind::Group,
+                    &users[i],
+                    &users[..4],
+                ))
+                .await
+                .unwrap();
+            convs.push(c.id);
+        }
+        let mut tasks = Vec::new();
+        for t in 0..8usize {
+            let (store, ids, users, convs) =
+                (store.clone(), ids.clone(), users.clone(), convs.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..300usize {
+                    let conv = convs[(t + i) % convs.len()];
+                    let user = &users[(t * 7 + i) % users.len()];
+                    match i % 5 {
+                        0 => {
+                            store.add_members(conv, &[user.clone()], 2).await.unwrap();
+                        }
+                        1 => {
+                            store.remove_member(conv, user).await.unwrap();
+                        }
+                        2 => {
+                            let _ = store
+                                .set_marker(conv, user, ReceiptKind::Read, i as u64)
+                                .await;
+                        }
+                        _ => {
+                            // NotMember is fine: membership changes concurrently.
+                            let _ = store
+                                .append(msg(&ids, conv, user, &format!("{t}-{i}")))
+                                .await;
+                        }
+                    }
+                    if i % 50 == 0 {
+                        let page = store.list_conversations(user, None, 3).await.unwrap();
+                        let acts: Vec<u64> = page
+                            .items
+                            .iter()
+                            .map(|v| v.conversation.last_activity)
+                            .collect();
+                        assert!(page.items.len() <= 3);
+                        assert!(acts.windows(2).all(|w| w[0] != w[1]));
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_index_consistent(&store);
+        for &c in &convs {
+            let cell = store.get(c).unwrap();
+            let st = lock(&cell);
+            assert!(
+                st.messages
+                    .iter()
+                    .enumerate()
+                    .all(|(i, m)| m.seq == i as u64 + 1)
+            );
+            for user in st.members.keys() {
+                assert_eq!(st.unread(user).unwrap(), naive_unread(&st, user));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unread_matches_a_scan_after_random_operations() {
+        let store = MemoryStore::new();
+        let ids = ids();
+        let users: Vec<UserId> = (0..4).map(|i| UserId::from(format!("r{i}"))).collect();
+        let conv = store
+            .create_conversation(new_conv(&ids, ConversationKind::Group, &users[0], &users))
+            .await
+            .unwrap();
+        let mut sent: Vec<Message> = Vec::new();
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for i in 0..2_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let user = &users[(x % 4) as usize];
+            match (x >> 8) % 10 {
+                0..=5 => {
+                    let m = msg(&ids, conv.id, user, &format!("k{i}"));
+                    sent.push(store.append(m).await.unwrap().message);
+                }
+                6 | 7 if !sent.is_empty() => {
+                    let m = &sent[((x >> 16) as usize) % sent.len()];
+                    let _ = store
+                        .change_message(
+                            conv.id,
+                            m.message_id,
+                            &m.sender_id,
+                            MessageChange::Delete,
+                            i,
+                        )
+                        .await;
+                }
+                _ => {
+                    let last = sent.len() as u64;
+                    let seq = (x >> 20) % (last + 2);
+                    store
+                        .set_marker(conv.id, user, ReceiptKind::Read, seq)
+                        .await
+                        .unwrap();
+                }
+            }
+            if i % 97 == 0 {
+                let cell = store.get(conv.id).unwrap();
+                let st = lock(&cell);
+                for u in &users {
+                    assert_eq!(st.unread(u).unwrap(), naive_unread(&st, u), "step {i}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn direct_pair_is_fixed_and_restored_on_create() {
+        let store = MemoryStore::new();
+        let ids = ids();
+        let (a, b, c) = (UserId::from("a"), UserId::from("b"), UserId::from("c"));
+        let d = store
+            .create_conversation(new_conv(&ids, ConversationKind::Direct, &a, &[b.clone()]))
+            .await
+            .unwrap();
+        let r = store.add_members(d.id, &[c.clone()], 1).await;
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+        store.append(msg(&ids, d.id, &a, "1")).await.unwrap();
+        store.append(msg(&ids, d.id, &a, "2")).await.unwrap();
+        assert!(store.remove_member(d.id, &b).await.unwrap());
+        assert!(store.conversation_ids(&b).await.unwrap().is_empty());
+        // b opens the direct conversation again: same conversation, b restored with nothing
+        // unread from before.
+        let again = store
+            .create_conversation(new_conv(&ids, ConversationKind::Direct, &b, &[a.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(again.id, d.id);
+        let m = store.member(d.id, &b).await.unwrap().unwrap();
+        assert_eq!((m.role, m.last_read_seq), (Role::Member, 2));
+        assert_eq!(store.conversation_ids(&b).await.unwrap(), vec![d.id]);
+        assert!(
+            store
+                .add_members(d.id, &[b.clone()], 1)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_index_consistent(&store);
+    }
+
+    #[tokio::test]
+    async fn reused_ids_are_conflicts() {
+        let store = MemoryStore::new();
+        let ids = ids();
+        let a = UserId::from("a");
+        let new = new_conv(&ids, ConversationKind::Group, &a, &[]);
+        store.create_conversation(new.clone()).await.unwrap();
+        let r = store.create_conversation(new).await;
+        assert!(matches!(r, Err(Error::Conflict(_))), "{r:?}");
+
+        let conv = store
+            .create_conversation(new_conv(&ids, ConversationKind::Group, &a, &[]))
+            .await
+            .unwrap();
+        let first = msg(&ids, conv.id, &a, "one");
+        store.append(first.clone()).await.unwrap();
+        let reused = NewMessage {
+            client_msg_id: "two".into(),
+            ..first
+        };
+        let r = store.append(reused).await;
+        assert!(matches!(r, Err(Error::Conflict(_))), "{r:?}");
+        assert_eq!(store.last_seq(conv.id).await.unwrap(), 1);
+        assert_index_consistent(&store);
+    }
+
+    #[tokio::test]
+    async fn unknown_conversation_lookups_are_not_found() {
+        let store = MemoryStore::new();
+        let id = ids().conversation_id();
+        let a = UserId::from("a");
+        assert!(matches!(
+            store.member(id, &a).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            store.history(id, None, 1).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            store.messages_after(id, 0, 1).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            store.unread(id, &a).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            store.remove_member(id, &a).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            store.message(id, MessageId::from_raw(1)).await,
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(store.conversation(id).await.unwrap(), None);
+    }
+
+    #[test]
+    fn debug_is_short_and_lock_free() {
+        let store = MemoryStore::new();
+        let _held = lock(&store.directs);
+        let s = format!("{store:?}");
+        assert!(s.starts_with("MemoryStore") && s.len() < 100, "{s}");
     }
 }

@@ -269,7 +269,10 @@ async fn assert_no_change(
 ) {
     let sentinel = fresh_user("sentinel");
     let session = fresh_session();
-    tracker.watch(std::slice::from_ref(&sentinel)).await.unwrap();
+    tracker
+        .watch(std::slice::from_ref(&sentinel))
+        .await
+        .unwrap();
     tracker.connect(&sentinel, session).await.unwrap();
     let deadline = tokio::time::Instant::now() + timing.slack;
     loop {
@@ -303,6 +306,25 @@ async fn watching(
     changes
 }
 
+/// Sleeps `duration`, heartbeating `sessions` every third of the TTL so they stay alive
+/// however long the wait (the real-clock TTL is short).
+async fn sleep_alive(
+    tracker: &dyn PresenceTracker,
+    sessions: &[(UserId, ConnectionId)],
+    duration: Duration,
+    timing: &Timing,
+) {
+    let end = tokio::time::Instant::now() + duration;
+    loop {
+        let step = (tokio::time::Instant::now() + timing.ttl() / 3).min(end);
+        tokio::time::sleep_until(step).await;
+        tracker.heartbeat(sessions).await.unwrap();
+        if step >= end {
+            return;
+        }
+    }
+}
+
 /// Connects and consumes the online change.
 async fn go_online(
     tracker: &dyn PresenceTracker,
@@ -333,7 +355,13 @@ pub async fn connect_turns_online_and_emits_a_change(
     let change = next_change(&mut changes, &user, timing.slack).await;
     assert_eq!(change.status, PresenceStatus::Online);
     let seen = change.last_seen.expect("an online change has last_seen");
-    assert_near(seen, before, after, timing.tolerance, "online change last_seen");
+    assert_near(
+        seen,
+        before,
+        after,
+        timing.tolerance,
+        "online change last_seen",
+    );
 
     let p = presence_of(tracker, &user).await;
     assert_eq!(p.status, PresenceStatus::Online);
@@ -401,8 +429,12 @@ pub async fn second_device_keeps_the_user_online(tracker: &dyn PresenceTracker, 
     tracker.disconnect(&user, phone).await.unwrap();
     assert!(connected(tracker, &user).await, "the laptop is connected");
 
-    tokio::time::sleep(timing.debounce() + timing.slack).await;
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    let alive = [(user.clone(), laptop)];
+    sleep_alive(tracker, &alive, timing.debounce() + timing.slack, timing).await;
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
     assert!(connected(tracker, &user).await);
     // Neither a second online (laptop) nor an offline (phone) change.
     assert_no_change(tracker, &mut changes, &[&user], timing).await;
@@ -429,7 +461,10 @@ pub async fn disconnect_turns_offline_after_the_debounce(
     let before = now_ms();
     tracker.disconnect(&user, session).await.unwrap();
     let after = now_ms();
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
 
     tokio::time::sleep(timing.debounce() / 2).await;
     assert_eq!(
@@ -441,7 +476,9 @@ pub async fn disconnect_turns_offline_after_the_debounce(
 
     let change = next_change(&mut changes, &user, timing.debounce() / 2 + timing.slack).await;
     assert_eq!(change.status, PresenceStatus::Offline);
-    let seen = change.last_seen.expect("an offline change of a seen user has last_seen");
+    let seen = change
+        .last_seen
+        .expect("an offline change of a seen user has last_seen");
     assert_near(seen, before, after, timing.tolerance, "offline last_seen");
 
     let p = presence_of(tracker, &user).await;
@@ -466,15 +503,22 @@ pub async fn reconnect_within_the_debounce_does_not_flap(
     tracker.connect(&user, second).await.unwrap();
 
     // Well past the first disconnect's debounce.
-    tokio::time::sleep(timing.debounce() + timing.slack).await;
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    let alive = [(user.clone(), second)];
+    sleep_alive(tracker, &alive, timing.debounce() + timing.slack, timing).await;
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
     assert!(connected(tracker, &user).await);
     assert_no_change(tracker, &mut changes, &[&user], timing).await;
 
     // The debounce starts over from the second disconnect.
     tracker.disconnect(&user, second).await.unwrap();
     tokio::time::sleep(timing.debounce() / 2).await;
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
     let change = next_change(&mut changes, &user, timing.debounce() / 2 + timing.slack).await;
     assert_eq!(change.status, PresenceStatus::Offline);
 }
@@ -492,7 +536,10 @@ pub async fn session_not_heartbeated_expires_after_ttl_and_debounce(
     let after = now_ms();
 
     tokio::time::sleep(timing.ttl() / 2).await;
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
     assert!(connected(tracker, &user).await, "alive within the TTL");
 
     // Past the TTL (connect happened up to `after - before` ms after `before`), inside the
@@ -509,8 +556,17 @@ pub async fn session_not_heartbeated_expires_after_ttl_and_debounce(
     let change = next_change(&mut changes, &user, timing.debounce() / 2 + timing.slack).await;
     assert_eq!(change.status, PresenceStatus::Offline);
     let seen = change.last_seen.expect("last_seen of an expired session");
-    assert_near(seen, before, after, timing.tolerance, "last_seen of an expired session");
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Offline);
+    assert_near(
+        seen,
+        before,
+        after,
+        timing.tolerance,
+        "last_seen of an expired session",
+    );
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Offline
+    );
 }
 
 /// Sessions heartbeated every third of the TTL (in one batch) stay online for several TTLs.
@@ -527,14 +583,21 @@ pub async fn heartbeated_sessions_stay_online_across_ttls(
     let batch = [(a.clone(), sa), (b.clone(), sb)];
     for _ in 0..9 {
         tokio::time::sleep(timing.ttl() / 3).await;
+        // Alive before the heartbeat too: the previous one extended the sessions (a tracker
+        // that re-creates expired sessions on heartbeat must not hide a missing refresh).
+        assert_eq!(
+            tracker.is_connected(&[a.clone(), b.clone()]).await.unwrap(),
+            vec![true, true],
+            "alive a third of a TTL after the last heartbeat"
+        );
         tracker.heartbeat(&batch).await.unwrap();
         let p = tracker.presence(&[a.clone(), b.clone()]).await.unwrap();
-        assert!(p.iter().all(|p| p.status == PresenceStatus::Online), "{p:?}");
+        assert!(
+            p.iter().all(|p| p.status == PresenceStatus::Online),
+            "{p:?}"
+        );
         assert_eq!(
-            tracker
-                .is_connected(&[a.clone(), b.clone()])
-                .await
-                .unwrap(),
+            tracker.is_connected(&[a.clone(), b.clone()]).await.unwrap(),
             vec![true, true]
         );
     }
@@ -557,14 +620,14 @@ pub async fn heartbeat_revives_an_expired_session(tracker: &dyn PresenceTracker,
     assert_eq!(gone.status, PresenceStatus::Offline);
     assert!(!connected(tracker, &user).await);
 
-    tracker
-        .heartbeat(&[(user.clone(), session)])
-        .await
-        .unwrap();
+    tracker.heartbeat(&[(user.clone(), session)]).await.unwrap();
     let back = next_change(&mut changes, &user, timing.slack).await;
     assert_eq!(back.status, PresenceStatus::Online);
     assert!(connected(tracker, &user).await);
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
 }
 
 /// `is_connected` has no debounce: false right after the last disconnect, while `presence`
@@ -596,19 +659,30 @@ pub async fn disconnect_of_an_unknown_session_is_harmless(
 ) {
     let (stranger, user) = (fresh_user("stranger"), fresh_user("steady"));
     let mut changes = watching(tracker, &[&stranger, &user]).await;
-    go_online(tracker, &mut changes, &user, fresh_session(), timing).await;
+    let session = fresh_session();
+    go_online(tracker, &mut changes, &user, session, timing).await;
 
-    tracker.disconnect(&stranger, fresh_session()).await.unwrap();
+    tracker
+        .disconnect(&stranger, fresh_session())
+        .await
+        .unwrap();
     tracker.disconnect(&user, fresh_session()).await.unwrap();
     assert!(!connected(tracker, &stranger).await);
-    assert!(connected(tracker, &user).await, "the real session is untouched");
+    assert!(
+        connected(tracker, &user).await,
+        "the real session is untouched"
+    );
 
-    tokio::time::sleep(timing.debounce() + timing.slack).await;
+    let alive = [(user.clone(), session)];
+    sleep_alive(tracker, &alive, timing.debounce() + timing.slack, timing).await;
     assert_eq!(
         presence_of(tracker, &stranger).await.status,
         PresenceStatus::Offline
     );
-    assert_eq!(presence_of(tracker, &user).await.status, PresenceStatus::Online);
+    assert_eq!(
+        presence_of(tracker, &user).await.status,
+        PresenceStatus::Online
+    );
     assert!(connected(tracker, &user).await);
     assert_no_change(tracker, &mut changes, &[&stranger, &user], timing).await;
 }
