@@ -4,6 +4,14 @@
 //! A session stays alive while it is heartbeated within the TTL (default 90 s); when the last
 //! session of a user ends (or expires) the user turns offline only after the debounce (default
 //! 30 s), so a reconnecting user does not flap. Presence is eventually consistent.
+//!
+//! Contract details every implementation keeps (checked by [`crate::testing::presence`]):
+//! * a heartbeat of an unknown session re-creates it (heals a session that expired while its
+//!   client stayed connected);
+//! * after a TTL expiry the debounce counts from the expiry, and `last_seen` is the session's last
+//!   heartbeat;
+//! * `disconnect` of an unknown session does nothing;
+//! * change events are guaranteed only for users the node [`watch`](PresenceTracker::watch)es.
 
 use std::fmt::Debug;
 use std::sync::Arc;

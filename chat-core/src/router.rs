@@ -9,6 +9,14 @@
 //! Routing is best effort (Redis pub/sub is at-most-once): correctness comes from the store and
 //! `sync`. A router that knows it may have dropped envelopes (a full inbox, a lost connection to
 //! its broker) sends [`Inbound::Lagged`] so the engine can make its clients resync.
+//!
+//! Contract details every implementation keeps (checked by [`crate::testing::router`]):
+//! * a subscription is effective when `subscribe` returns, and gone when `unsubscribe` returns;
+//! * envelopes published one after another by one router reach a given node in publish order
+//!   (across topics too);
+//! * a node never receives what its own router published; `Envelope::origin` must be the
+//!   publishing router's node id;
+//! * `start` may be called again (it replaces the inbox).
 
 use std::fmt::Debug;
 use std::sync::Arc;
