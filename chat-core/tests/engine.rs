@@ -1159,3 +1159,45 @@ async fn shutdown_closes_connections_and_refuses_new_ones() {
         Err(chat_core::Error::Shutdown)
     ));
 }
+
+#[tokio::test]
+async fn presence_unsubscribe_stops_updates_and_limits_are_enforced() {
+    let h = Harness::with(|c| c.max_presence_watch = 3).await;
+    let mut alice = h.connect("alice").await;
+    alice
+        .send(Command::PresenceSubscribe {
+            user_ids: vec![UserId::from("bob")],
+        })
+        .await;
+    assert!(matches!(next(&mut alice).await, Event::Presence { .. }));
+    alice
+        .send(Command::PresenceUnsubscribe {
+            user_ids: vec![UserId::from("bob")],
+        })
+        .await;
+    let _bob = h.connect("bob").await;
+    expect_nothing(&mut alice).await;
+    // More users than a connection may watch: a typed error, the connection stays usable.
+    let (code, _) = send_err(
+        &mut alice,
+        Command::PresenceSubscribe {
+            user_ids: ["a", "b", "c", "d"].iter().map(|u| UserId::from(*u)).collect(),
+        },
+    )
+    .await;
+    assert_eq!(code, ErrorCode::Invalid);
+    let (code, _) = send_err(
+        &mut alice,
+        Command::PresenceSubscribe {
+            user_ids: vec![UserId::from("")],
+        },
+    )
+    .await;
+    assert_eq!(code, ErrorCode::Invalid);
+    alice
+        .send(Command::Sync {
+            conversations: BTreeMap::new(),
+        })
+        .await;
+    assert!(matches!(next(&mut alice).await, Event::SyncDone { .. }));
+}
