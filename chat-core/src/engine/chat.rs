@@ -31,6 +31,8 @@ use crate::time::now_ms;
 /// Connect/disconnect of one user are serialized through one of these stripes, so a second
 /// device never sees the first one's half-built registry entry.
 const USER_LOCK_STRIPES: usize = 64;
+/// Stripes of the per-conversation send order lock.
+const CONVERSATION_LOCK_STRIPES: usize = 256;
 
 /// The chat engine: cheap to clone (an `Arc`), shared by every transport and task.
 ///
@@ -62,6 +64,9 @@ pub(crate) struct Inner {
     typing: TypingThrottle,
     /// Serializes connect/disconnect per user (striped).
     user_locks: Vec<AsyncMutex<()>>,
+    /// Serializes append + local fan-out per conversation (striped), so that on one node every
+    /// recipient gets a conversation's messages in seq order, whoever sent them.
+    conversation_locks: Vec<AsyncMutex<()>>,
     /// Cancelled by [`Chat::shutdown`]; background tasks and transports watch it.
     shutdown: CancellationToken,
     /// Counters for `/metrics`.
@@ -161,6 +166,9 @@ impl ChatBuilder {
             ids: SnowflakeGenerator::new(config.node_id),
             typing: TypingThrottle::new(config.typing_throttle),
             user_locks: (0..USER_LOCK_STRIPES)
+                .map(|_| AsyncMutex::new(()))
+                .collect(),
+            conversation_locks: (0..CONVERSATION_LOCK_STRIPES)
                 .map(|_| AsyncMutex::new(()))
                 .collect(),
             push: push.as_ref().map(|(tx, _, _)| tx.clone()),
@@ -365,28 +373,39 @@ impl Chat {
         except_conn: Option<ConnectionId>,
     ) {
         let inner = &self.inner;
-        let distributed = inner.router.is_distributed();
-        let envelope_event = distributed.then(|| event.clone());
+        let envelope_event = inner.router.is_distributed().then(|| event.clone());
         let frame = Arc::new(Frame::new(event));
         let delivery = inner
             .registry
             .deliver(&topic, &frame, except_user.as_ref(), except_conn);
         self.close_slow(delivery);
         if let Some(event) = envelope_event {
-            let envelope = Envelope {
-                origin: inner.config.node_id,
-                topic,
-                payload: Payload::Event {
-                    event,
-                    except_user,
-                    except_connection: except_conn,
-                },
-            };
-            if let Err(err) = inner.router.publish(envelope).await {
-                // Live delivery is best effort; recipients on other nodes catch up by sync.
-                inner.stats.router_error();
-                warn!(error = %err, "router publish failed");
-            }
+            self.publish(topic, event, except_user, except_conn).await;
+        }
+    }
+
+    /// Publishes an event to the other nodes subscribed to `topic`.
+    async fn publish(
+        &self,
+        topic: Topic,
+        event: Event,
+        except_user: Option<UserId>,
+        except_conn: Option<ConnectionId>,
+    ) {
+        let inner = &self.inner;
+        let envelope = Envelope {
+            origin: inner.config.node_id,
+            topic,
+            payload: Payload::Event {
+                event,
+                except_user,
+                except_connection: except_conn,
+            },
+        };
+        if let Err(err) = inner.router.publish(envelope).await {
+            // Live delivery is best effort; recipients on other nodes catch up by sync.
+            inner.stats.router_error();
+            warn!(error = %err, "router publish failed");
         }
     }
 
@@ -533,12 +552,19 @@ impl Chat {
     async fn send(&self, conn: &ConnHandle, m: SendMessage) -> Result<()> {
         self.validate_send(&m)?;
         let inner = &self.inner;
+        let conversation = m.conversation_id;
+        // Append and local fan-out in one critical section per conversation: seqs are assigned
+        // in the same order as frames are queued to local recipients.
+        let order = inner.conversation_locks
+            [(conversation.get() % CONVERSATION_LOCK_STRIPES as u64) as usize]
+            .lock()
+            .await;
         let message_id = inner.ids.message_id();
         let appended = inner
             .store
             .append(NewMessage {
                 message_id,
-                conversation_id: m.conversation_id,
+                conversation_id: conversation,
                 sender_id: conn.user.clone(),
                 client_msg_id: m.client_msg_id,
                 kind: m.kind,
@@ -548,36 +574,39 @@ impl Chat {
                 created_at: message_id.timestamp_ms(),
             })
             .await?;
-        // Durable: only now may the sender hear about it.
         let message = appended.message;
-        self.reply(
-            conn,
-            Event::MessageAck {
-                client_msg_id: message.client_msg_id.clone(),
-                conversation_id: message.conversation_id,
-                message_id: message.message_id,
-                seq: message.seq,
-                timestamp: message.created_at,
-            },
-        )
-        .await;
+        let ack = Event::MessageAck {
+            client_msg_id: message.client_msg_id.clone(),
+            conversation_id: message.conversation_id,
+            message_id: message.message_id,
+            seq: message.seq,
+            timestamp: message.created_at,
+        };
         if appended.duplicate {
+            drop(order);
             // The original send fanned out already (or its recipients get it by sync).
+            self.reply(conn, ack).await;
             return Ok(());
         }
         inner.stats.message_sent();
+        let event = Event::Message { message };
+        let envelope_event = inner.router.is_distributed().then(|| event.clone());
+        let frame = Arc::new(Frame::new(event));
+        let topic = Topic::Conversation(conversation);
+        let delivery = inner.registry.deliver(&topic, &frame, None, Some(conn.id));
+        drop(order);
+        self.close_slow(delivery);
+        // Durable (append returned): only now does the sender hear about it.
+        self.reply(conn, ack).await;
         if let Some(push) = &inner.push
+            && let Event::Message { message } = frame.event()
             && push.try_send(PushJob::new(message.clone())).is_err()
         {
             warn!("push queue full: dropping a notification");
         }
-        self.broadcast(
-            Topic::Conversation(message.conversation_id),
-            Event::Message { message },
-            None,
-            Some(conn.id),
-        )
-        .await;
+        if let Some(event) = envelope_event {
+            self.publish(topic, event, None, Some(conn.id)).await;
+        }
         Ok(())
     }
 
