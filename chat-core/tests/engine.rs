@@ -363,6 +363,17 @@ async fn bad_input_gets_typed_errors_and_the_connection_stays_usable() {
             ErrorCode::Invalid,
         ),
         (
+            Command::Message(SendMessage {
+                conversation_id: conv,
+                client_msg_id: "x8".into(),
+                content: "re: nothing".into(),
+                kind: MessageKind::Text,
+                media: None,
+                reply_to: Some(chat_core::MessageId::from_raw(77)),
+            }),
+            ErrorCode::Invalid,
+        ),
+        (
             Command::Typing {
                 conversation_id: strangers,
             },

@@ -553,6 +553,19 @@ impl Chat {
         self.validate_send(&m)?;
         let inner = &self.inner;
         let conversation = m.conversation_id;
+        if let Some(target) = m.reply_to
+            && inner
+                .store
+                .message(conversation, target)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            return Err(Error::invalid(format!(
+                "reply_to {target} is not a message of this conversation"
+            )));
+        }
         // Append and local fan-out in one critical section per conversation: seqs are assigned
         // in the same order as frames are queued to local recipients.
         let order = inner.conversation_locks
