@@ -46,7 +46,8 @@ pub struct SendMessage {
 /// A frame from a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
+// Exhaustive on purpose: a new frame must be handled by every codec (a compile error, not a
+// silent gap).
 pub enum Command {
     /// Send a message.
     Message(SendMessage),
@@ -123,7 +124,7 @@ impl Command {
 /// A frame to a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
+// Exhaustive on purpose, like `Command`.
 pub enum Event {
     /// The message is durably stored.
     MessageAck {

@@ -32,7 +32,8 @@ impl RedisServer {
     /// Starts a server with extra `redis-server` arguments (e.g. `["--appendonly", "yes"]`).
     pub async fn start_with(extra_args: &[&str]) -> Self {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("chat-testkit-redis-{}-{port}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("chat-testkit-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let mut server = Self {
             child: None,
@@ -75,7 +76,10 @@ impl RedisServer {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+                panic!(
+                    "redis-server on port {} did not answer PING within 10 s",
+                    self.port
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

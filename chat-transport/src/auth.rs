@@ -1,0 +1,168 @@
+//! Authentication of upgrade and HTTP requests.
+//!
+//! The gateway asks an [`Authenticator`] for the user of every request. Two are provided:
+//! [`JwtAuth`] (HS256, `sub` = user id, `exp` required and enforced) and [`DevAuth`]
+//! (`?user=<id>` without a token — for local development only). Hosts plug their own (sessions,
+//! OAuth introspection, mTLS…) by implementing the trait.
+//!
+//! Tokens are read from `Authorization: Bearer <JWT>` or, for browsers that cannot set headers
+//! on a WebSocket, from the `token` query parameter.
+//!
+//! ```
+//! use chat_transport::auth::JwtAuth;
+//! let auth = JwtAuth::new(b"secret");
+//! let token = auth.issue("alice", std::time::Duration::from_secs(60)).unwrap();
+//! assert_eq!(auth.verify(&token).unwrap().as_str(), "alice");
+//! assert!(JwtAuth::new(b"other secret").verify(&token).is_err());
+//! ```
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chat_core::{Error, UserId};
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// What an authenticator sees of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthRequest<'a> {
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The raw query string, if any.
+    pub query: Option<&'a str>,
+}
+
+impl<'a> AuthRequest<'a> {
+    /// The value of a query parameter (percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let q = self.query?;
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// The bearer token from `Authorization` or the `token` query parameter.
+    pub fn bearer_token(&self) -> Option<String> {
+        if let Some(value) = self.headers.get(http::header::AUTHORIZATION)
+            && let Ok(s) = value.to_str()
+            && let Some(token) = s
+                .strip_prefix("Bearer ")
+                .or_else(|| s.strip_prefix("bearer "))
+        {
+            return Some(token.trim().to_owned());
+        }
+        self.query_param("token")
+    }
+}
+
+/// Turns a request into a user, or [`Error::Unauthorized`].
+#[async_trait]
+pub trait Authenticator: Send + Sync + fmt::Debug + 'static {
+    /// The authenticated user of the request.
+    async fn authenticate(&self, request: AuthRequest<'_>) -> Result<UserId, Error>;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+}
+
+/// HS256 JWT: the user id in `sub`, `exp` required and enforced (no leeway beyond 5 s).
+pub struct JwtAuth {
+    /// Verifies signatures.
+    decoding: DecodingKey,
+    /// Signs tokens (for [`JwtAuth::issue`]: tests, dev tools, token endpoints).
+    encoding: EncodingKey,
+    /// HS256 only, `exp` required.
+    validation: Validation,
+}
+
+impl fmt::Debug for JwtAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtAuth").finish_non_exhaustive()
+    }
+}
+
+impl JwtAuth {
+    /// A verifier for tokens signed with `secret`.
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        // Identity providers often add `aud`; accept it unless the host asks to check it.
+        validation.validate_aud = false;
+        Self {
+            decoding: DecodingKey::from_secret(secret),
+            encoding: EncodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Also require the `aud` claim to be one of `audiences`.
+    pub fn with_audience(mut self, audiences: &[&str]) -> Self {
+        self.validation.set_audience(audiences);
+        self.validation.validate_aud = true;
+        self
+    }
+
+    /// Checks a token and returns its user.
+    pub fn verify(&self, token: &str) -> Result<UserId, Error> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| Error::Unauthorized(format!("invalid token: {e}").into()))?;
+        UserId::parse(&data.claims.sub)
+            .map_err(|_| Error::Unauthorized("token subject is not a valid user id".into()))
+    }
+
+    /// Signs a token for `user` valid for `ttl`.
+    pub fn issue(&self, user: &str, ttl: Duration) -> Result<String, Error> {
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d + ttl)
+            .map_err(|_| Error::internal("clock before 1970"))?
+            .as_secs();
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: user.to_owned(),
+                exp,
+            },
+            &self.encoding,
+        )
+        .map_err(|e| Error::internal(format!("cannot sign token: {e}")))
+    }
+}
+
+#[async_trait]
+impl Authenticator for JwtAuth {
+    async fn authenticate(&self, request: AuthRequest<'_>) -> Result<UserId, Error> {
+        let token = request
+            .bearer_token()
+            .ok_or_else(|| Error::Unauthorized("missing bearer token".into()))?;
+        self.verify(&token)
+    }
+}
+
+/// Development mode: `?user=<id>` (or the `X-Chat-User` header) is trusted without a token.
+/// Never use it in production: anyone can be anyone.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DevAuth;
+
+#[async_trait]
+impl Authenticator for DevAuth {
+    async fn authenticate(&self, request: AuthRequest<'_>) -> Result<UserId, Error> {
+        let user = request
+            .query_param("user")
+            .or_else(|| {
+                request
+                    .headers
+                    .get("x-chat-user")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| Error::Unauthorized("dev mode: pass ?user=<id>".into()))?;
+        UserId::parse(&user).map_err(|e| Error::Unauthorized(e.to_string().into()))
+    }
+}

@@ -1,0 +1,302 @@
+// End-to-end test of the reference server's chat page (examples/static/index.html) in a real
+// browser: two users, alice and bob, in two browser contexts side by side.
+//
+//   CHAT_SERVER_BIN=../../target/debug/chat-server npm test
+//
+// Starts chat-server itself on a free loopback port (dev mode, CHAT_OFFLINE_DEBOUNCE_MS=1000),
+// drives Debian's Chromium (/usr/bin/chromium, or CHROMIUM_PATH) through playwright-core, and
+// always stops the server at the end. Screenshots land in ./screenshots/.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, existsSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const SERVER_BIN = path.resolve(HERE, process.env.CHAT_SERVER_BIN || '../../target/debug/chat-server');
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const SHOTS = path.join(HERE, 'screenshots');
+const WAIT = 15_000; // generous: every wait polls and returns as soon as the condition holds
+const VIEWPORT = { width: 1000, height: 640 };
+
+let server = null;      // { proc, url, log }
+let browser = null;
+const pages = {};       // name -> page
+const pageErrors = [];  // uncaught exceptions in the pages
+let failed = false;
+
+// ------------------------------------------------------------------ server
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function startServer() {
+  if (!existsSync(SERVER_BIN)) {
+    throw new Error(`chat-server binary not found at ${SERVER_BIN} (build it: cargo build --bin chat-server, or set CHAT_SERVER_BIN)`);
+  }
+  // A freshly probed port can be taken by someone else before the server binds it: retry.
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    const env = { ...process.env, CHAT_BIND: `127.0.0.1:${port}`, CHAT_OFFLINE_DEBOUNCE_MS: '1000', CHAT_MAX_MESSAGE_BYTES: '2048' };
+    delete env.CHAT_JWT_SECRET; // dev mode: ?user=<id>
+    delete env.CHAT_REDIS_URL;
+    delete env.CHAT_SCYLLA_URI;
+    env.RUST_LOG = env.RUST_LOG || 'info';
+    const proc = spawn(SERVER_BIN, [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const log = [];
+    const keep = (chunk) => { log.push(chunk.toString()); if (log.length > 2000) log.shift(); };
+    proc.stdout.on('data', keep);
+    proc.stderr.on('data', keep);
+    let exited = null;
+    proc.on('exit', (code, signal) => { exited = { code, signal }; });
+    const url = `http://127.0.0.1:${port}`;
+    const deadline = Date.now() + 30_000;
+    while (Date.now() < deadline && !exited) {
+      try {
+        const r = await fetch(url + '/healthz');
+        if (r.ok) return { proc, url, log };
+      } catch { /* not listening yet */ }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    if (!exited) proc.kill('SIGKILL');
+    const text = log.join('');
+    if (exited && /cannot listen|address in use/i.test(text) && attempt < 3) continue;
+    throw new Error(`chat-server did not become healthy on ${url} (${exited ? `exited: ${JSON.stringify(exited)}` : 'timeout'})\n${text}`);
+  }
+}
+
+async function stopServer() {
+  if (!server) return;
+  const { proc } = server;
+  if (proc.exitCode === null && proc.signalCode === null) {
+    const done = new Promise((r) => proc.once('exit', r));
+    proc.kill('SIGTERM');
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+    await done;
+    clearTimeout(timer);
+  }
+  server = null;
+}
+// Last resort if the runner is torn down without the after() hook.
+process.on('exit', () => { if (server && server.proc.exitCode === null) server.proc.kill('SIGKILL'); });
+
+// ------------------------------------------------------------------ helpers
+
+/** A test step that is skipped once an earlier step failed (they build on each other). */
+function step(name, fn) {
+  test(name, async (t) => {
+    if (failed) { t.skip('an earlier step failed'); return; }
+    try {
+      await fn(t);
+    } catch (e) {
+      failed = true;
+      throw e;
+    }
+  });
+}
+
+const tid = (id, extra = '') => `[data-testid="${id}"]${extra}`;
+
+async function openUser(name) {
+  const context = await browser.newContext({ viewport: VIEWPORT });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT);
+  page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+  page.on('console', (m) => {
+    // Failed connection attempts while the test has the browser offline are expected.
+    if (m.type() === 'error' && !/WebSocket connection|Failed to load resource|net::ERR_/.test(m.text())) {
+      pageErrors.push(`${name} console: ${m.text()}`);
+    }
+  });
+  await page.goto(server.url + '/');
+  await page.locator(tid('user-name-input')).fill(name);
+  await page.locator(tid('connect-button')).click();
+  await page.locator(tid('connection-status', '[data-status="online"]')).waitFor();
+  await page.locator(tid('me-name')).filter({ hasText: name }).waitFor();
+  pages[name] = page;
+  return page;
+}
+
+/** The conversation list item whose title is `title`. */
+const convItem = (page, title) =>
+  page.locator(tid('conversation-item')).filter({ has: page.locator(tid('conversation-name'), { hasText: new RegExp(`^${title}$`) }) });
+
+async function shoot(page, name) {
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: path.join(SHOTS, `${name}.png`) });
+}
+
+// ------------------------------------------------------------------ lifecycle
+
+before(async () => {
+  server = await startServer();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+});
+
+after(async () => {
+  try {
+    if (failed) {
+      for (const [name, page] of Object.entries(pages)) {
+        if (!page.isClosed()) await shoot(page, `failure-${name}`).catch(() => {});
+      }
+      if (server) console.error('--- chat-server log (tail) ---\n' + server.log.join('').split('\n').slice(-60).join('\n'));
+    }
+    if (browser) await browser.close().catch(() => {});
+  } finally {
+    await stopServer();
+  }
+});
+
+// ------------------------------------------------------------------ the story
+
+step('the page is served at / and both users connect', async () => {
+  const resp = await fetch(server.url + '/');
+  assert.equal(resp.status, 200);
+  assert.match(resp.headers.get('content-type') || '', /text\/html/);
+  await openUser('alice');
+  await openUser('bob');
+});
+
+step('alice creates a direct conversation with bob', async () => {
+  const alice = pages.alice;
+  await alice.locator(tid('new-kind-select')).selectOption('direct');
+  await alice.locator(tid('new-members-input')).fill('bob');
+  await alice.locator(tid('create-conversation-button')).click();
+  await convItem(alice, 'bob').waitFor();
+  await alice.locator(tid('conversation-title')).filter({ hasText: /^bob$/ }).waitFor();
+});
+
+step("bob's presence dot is online on alice's page", async () => {
+  await pages.alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"][data-status="online"]')).waitFor();
+});
+
+step('alice sends a message with Enter; it is acked with seq 1', async () => {
+  const alice = pages.alice;
+  const input = alice.locator(tid('composer-input'));
+  await input.fill('hello bob');
+  await input.press('Enter');
+  await alice.locator(tid('message-item', '[data-seq="1"][data-status="sent"]')).filter({ hasText: 'hello bob' }).waitFor();
+  assert.equal(await input.inputValue(), '', 'the composer is cleared after sending');
+});
+
+step("bob sees the new conversation in his list, unread, with the message's preview", async () => {
+  const bob = pages.bob;
+  const item = convItem(bob, 'alice');
+  await item.locator(tid('conversation-preview'), { hasText: 'hello bob' }).waitFor();
+  await item.locator(tid('unread-badge'), { hasText: '1' }).waitFor();
+});
+
+step('bob opens the conversation and sees the history; alice sees "Read by bob"', async () => {
+  const { alice, bob } = pages;
+  await convItem(bob, 'alice').click();
+  await bob.locator(tid('message-item', '[data-seq="1"]')).filter({ hasText: 'hello bob' }).waitFor();
+  await convItem(bob, 'alice').locator(tid('unread-badge')).waitFor({ state: 'detached' });
+  const receipt = alice.locator(tid('message-item', '[data-seq="1"]')).locator(tid('read-receipt', '[data-users="bob"]'));
+  await receipt.waitFor();
+  assert.match(await receipt.textContent(), /Read by bob/);
+});
+
+step('bob types: alice sees "bob is typing…", and it goes away without new typing', async () => {
+  const { alice, bob } = pages;
+  await bob.locator(tid('composer-input')).pressSequentially('hi ali', { delay: 30 });
+  const typing = alice.locator(tid('typing-indicator'));
+  await typing.filter({ hasText: 'bob is typing' }).waitFor();
+  // ~4 s after the last typing event the indicator hides itself.
+  await typing.waitFor({ state: 'hidden', timeout: WAIT });
+});
+
+step('bob replies live; alice (conversation open) reads it and bob sees "Read by alice"', async () => {
+  const { alice, bob } = pages;
+  const input = bob.locator(tid('composer-input'));
+  await input.pressSequentially('ce!');
+  await bob.locator(tid('send-button')).click();
+  await bob.locator(tid('message-item', '[data-seq="2"][data-status="sent"]')).filter({ hasText: 'hi alice!' }).waitFor();
+  await alice.locator(tid('message-item', '[data-seq="2"][data-sender="bob"]')).filter({ hasText: 'hi alice!' }).waitFor();
+  await bob.locator(tid('message-item', '[data-seq="2"]')).locator(tid('read-receipt', '[data-users="alice"]')).waitFor();
+  // Messages are in seq order on both pages.
+  for (const page of [alice, bob]) {
+    const seqs = await page.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+    assert.deepEqual(seqs, [1, 2]);
+  }
+});
+
+step('an error frame (message too large) shows in the banner and the message is marked failed', async () => {
+  const alice = pages.alice;
+  const input = alice.locator(tid('composer-input'));
+  await input.fill('x'.repeat(3000)); // the server runs with CHAT_MAX_MESSAGE_BYTES=2048
+  await input.press('Enter');
+  await alice.locator(tid('error-banner')).filter({ hasText: 'too_large' }).waitFor();
+  const failedItem = alice.locator(tid('message-item', '[data-status="failed"]'));
+  await failedItem.waitFor();
+  await failedItem.getByRole('button', { name: 'discard' }).click();
+  await failedItem.waitFor({ state: 'detached' });
+  // The socket stays open.
+  await alice.locator(tid('connection-status', '[data-status="online"]')).waitFor();
+});
+
+step('after a dropped connection alice reconnects and syncs what she missed', async () => {
+  const { alice, bob } = pages;
+  await alice.context().setOffline(true);
+  await alice.evaluate(() => window.chatDebug.dropConnection());
+  await alice.locator(tid('connection-status', '[data-status="online"]')).waitFor({ state: 'detached' });
+  // While alice is away bob sends two messages; she gets them only through sync.
+  for (const text of ['missed one', 'missed two']) {
+    await bob.locator(tid('composer-input')).fill(text);
+    await bob.locator(tid('composer-input')).press('Enter');
+  }
+  await bob.locator(tid('message-item', '[data-seq="4"][data-status="sent"]')).waitFor();
+  assert.equal(await alice.locator(tid('message-item', '[data-seq="3"]')).count(), 0, 'alice was offline');
+  await alice.context().setOffline(false);
+  await alice.locator(tid('connection-status', '[data-status="online"]')).waitFor({ timeout: 30_000 });
+  await alice.locator(tid('message-item', '[data-seq="4"]')).filter({ hasText: 'missed two' }).waitFor();
+  const seqs = await alice.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(seqs, [1, 2, 3, 4], 'no gaps, no duplicates, in seq order');
+});
+
+step("a reload shows alice's history oldest at the top", async () => {
+  const alice = pages.alice;
+  await alice.reload();
+  await alice.locator(tid('user-name-input')).waitFor();
+  assert.equal(await alice.locator(tid('user-name-input')).inputValue(), 'alice', 'the name is remembered');
+  await alice.locator(tid('connect-button')).click();
+  await convItem(alice, 'bob').click();
+  await alice.locator(tid('message-item', '[data-seq="4"]')).waitFor();
+  const texts = await alice.locator(tid('message-item')).locator(tid('message-content')).allTextContents();
+  assert.deepEqual(texts, ['hello bob', 'hi alice!', 'missed one', 'missed two']);
+  await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"][data-status="online"]')).waitFor();
+});
+
+step('bob closes his page: after the offline debounce alice sees him offline', async () => {
+  const { alice, bob } = pages;
+  await shoot(alice, 'alice');
+  await shoot(bob, 'bob');
+  const dot = alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"]'));
+  assert.equal(await dot.getAttribute('data-status'), 'online');
+  await bob.context().close();
+  // CHAT_OFFLINE_DEBOUNCE_MS=1000: the offline broadcast comes about a second after the close.
+  await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"][data-status="offline"]')).waitFor();
+  await alice.locator(tid('conversation-item')).locator(tid('presence-dot', '[data-user="bob"][data-status="offline"]')).waitFor();
+  await shoot(alice, 'alice-bob-offline');
+});
+
+step('no uncaught errors in the pages', async () => {
+  assert.deepEqual(pageErrors, []);
+});

@@ -1,0 +1,147 @@
+//! The reference chat server: the whole SDK with zero configuration.
+//!
+//! ```sh
+//! cargo run --release --bin chat-server
+//! # then open http://127.0.0.1:8080/ in two browser tabs
+//! ```
+//!
+//! Configuration by flags or the same names in the environment (see `--help`). Without
+//! `CHAT_JWT_SECRET` the server runs in dev mode: `?user=<id>` is accepted without a token.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chat_core::hooks::RateLimitConfig;
+use chat_core::presence::PresenceConfig;
+use chat_core::{Chat, NodeId};
+use chat_transport::auth::{Authenticator, DevAuth, JwtAuth};
+use chat_transport::{Gateway, GatewayConfig};
+use clap::Parser;
+use tracing::{info, warn};
+
+/// The chat page served at `/`.
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+
+#[derive(Debug, Parser)]
+#[command(name = "chat-server", about = "Reference chat server (chat-sdk)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "CHAT_BIND", default_value = "127.0.0.1:8080")]
+    bind: SocketAddr,
+    /// HS256 secret for JWTs (`sub` = user id). Unset: dev mode, `?user=<id>` without a token.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Redis URL for presence, router and store (several processes form one cluster).
+    #[arg(long, env = "CHAT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// ScyllaDB contact point for the message store.
+    #[arg(long, env = "CHAT_SCYLLA_URI")]
+    scylla_uri: Option<String>,
+    /// Snowflake node id (0-1023), unique per process in a cluster.
+    #[arg(long, env = "CHAT_NODE_ID", default_value_t = 0)]
+    node_id: u16,
+    /// Messages per second per user (0 disables the limit).
+    #[arg(long, env = "CHAT_RATE_LIMIT", default_value_t = 20)]
+    rate_limit: u32,
+    /// Burst above the rate.
+    #[arg(long, env = "CHAT_RATE_BURST", default_value_t = 50)]
+    rate_burst: u32,
+    /// Largest message content in bytes (WebSocket frames may be 4x this).
+    #[arg(long, env = "CHAT_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    max_message_bytes: usize,
+    /// How long a user with no live session stays online.
+    #[arg(long, env = "CHAT_OFFLINE_DEBOUNCE_MS", default_value_t = 30_000)]
+    offline_debounce_ms: u64,
+    /// Presence heartbeat TTL.
+    #[arg(long, env = "CHAT_PRESENCE_TTL_MS", default_value_t = 90_000)]
+    presence_ttl_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.redis_url.is_some() || args.scylla_uri.is_some() {
+        bail!(
+            "CHAT_REDIS_URL / CHAT_SCYLLA_URI: the Redis and ScyllaDB backends are not part of this \
+             build yet; unset them to run on the in-memory parts"
+        );
+    }
+    let node_id = NodeId::new(args.node_id).context("CHAT_NODE_ID")?;
+    let rate_limit = match (
+        NonZeroU32::new(args.rate_limit),
+        NonZeroU32::new(args.rate_burst),
+    ) {
+        (Some(per_second), Some(burst)) => Some(RateLimitConfig { per_second, burst }),
+        _ => None,
+    };
+    let chat = Chat::builder()
+        .configure(|c| {
+            c.node_id = node_id;
+            c.rate_limit = rate_limit;
+            c.max_message_bytes = args.max_message_bytes;
+            c.presence = PresenceConfig {
+                ttl: Duration::from_millis(args.presence_ttl_ms),
+                offline_debounce: Duration::from_millis(args.offline_debounce_ms),
+            };
+        })
+        .build()
+        .await?;
+    let auth: Arc<dyn Authenticator> = match &args.jwt_secret {
+        Some(secret) if !secret.is_empty() => Arc::new(JwtAuth::new(secret.as_bytes())),
+        _ => {
+            warn!("==============================================================");
+            warn!("DEV MODE: CHAT_JWT_SECRET is unset; ?user=<id> is trusted");
+            warn!("without a token. Anyone can be anyone. Never run this in production.");
+            warn!("==============================================================");
+            Arc::new(DevAuth)
+        }
+    };
+    let mut config = GatewayConfig::for_chat(&chat);
+    config.index_html = Some(INDEX_HTML);
+    let gateway = Gateway::with_config(chat.clone(), auth, config);
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    info!(addr = %listener.local_addr()?, node = %node_id, "chat-server ready (in-memory parts: data is lost on restart)");
+
+    let stopper = chat.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("signal received: shutting down");
+        stopper.shutdown();
+    });
+    gateway.serve(listener).await?;
+    info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
