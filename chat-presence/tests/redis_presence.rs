@@ -340,3 +340,59 @@ async fn survives_a_redis_restart() {
         }
     }
 }
+
+/// `unwatch` unsubscribes: the node no longer hears of that user (checked against a barrier:
+/// a change of a still-watched user, published after, must come first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwatch_stops_the_changes_of_that_user() {
+    let server = RedisServer::start().await;
+    let prefix = fresh_prefix();
+    let config = PresenceConfig {
+        ttl: Duration::from_secs(5),
+        offline_debounce: Duration::from_millis(100),
+    };
+    let home = RedisPresence::connect(&server.url(), &prefix, node(1), config)
+        .await
+        .unwrap();
+    let watcher = RedisPresence::connect(&server.url(), &prefix, node(2), config)
+        .await
+        .unwrap();
+    let (dave, erin) = (UserId::from("dave"), UserId::from("erin"));
+    let mut changes = watcher.changes();
+    watcher.watch(&[dave.clone(), erin.clone()]).await.unwrap();
+    home.connect(&dave, ConnectionId::from_raw(1))
+        .await
+        .unwrap();
+    let p = next_change(&mut changes, &dave, Duration::from_secs(2)).await;
+    assert_eq!(p.status, PresenceStatus::Online);
+
+    watcher.unwatch(std::slice::from_ref(&dave)).await.unwrap();
+    watcher.unwatch(std::slice::from_ref(&dave)).await.unwrap(); // idempotent
+    home.disconnect(&dave, ConnectionId::from_raw(1))
+        .await
+        .unwrap();
+    // Dave's offline change is published (well) within this wait, on a channel the watcher
+    // left; then the barrier.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        watcher.presence(std::slice::from_ref(&dave)).await.unwrap()[0].status,
+        PresenceStatus::Offline,
+        "reads do not depend on watching"
+    );
+    home.connect(&erin, ConnectionId::from_raw(3))
+        .await
+        .unwrap();
+    // The very next change is erin's: nothing of dave came before it.
+    let barrier = tokio::time::timeout(Duration::from_secs(2), changes.recv())
+        .await
+        .expect("erin's change")
+        .unwrap();
+    assert_eq!(
+        (barrier.user_id, barrier.status),
+        (erin, PresenceStatus::Online)
+    );
+    assert!(
+        changes.try_recv().is_err(),
+        "nothing else, in particular no change of the unwatched user"
+    );
+}

@@ -594,13 +594,20 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> GatewayR
 /// `{"error": {"code", "message"}}` with the code's status.
 pub fn error_response(err: &Error) -> GatewayResponse {
     let code = err.code();
-    let status =
-        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = match err {
+        // A backend outage is temporary: 503 tells clients and load balancers to retry.
+        Error::Unavailable { .. } | Error::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
     let body: Value = json!({"error": {"code": code.as_str(), "message": err.client_message()}});
     let mut resp = json_response(status, &body);
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }

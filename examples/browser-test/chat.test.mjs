@@ -50,7 +50,7 @@ async function startServer() {
   // A freshly probed port can be taken by someone else before the server binds it: retry.
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
-    const env = { ...process.env, CHAT_BIND: `127.0.0.1:${port}`, CHAT_OFFLINE_DEBOUNCE_MS: '1000', CHAT_MAX_MESSAGE_BYTES: '2048' };
+    const env = { ...process.env, CHAT_BIND: `127.0.0.1:${port}`, CHAT_OFFLINE_DEBOUNCE_MS: '1000', CHAT_MAX_MESSAGE_BYTES: '2048', CHAT_RATE_BURST: '500' };
     delete env.CHAT_JWT_SECRET; // dev mode: ?user=<id>
     delete env.CHAT_REDIS_URL;
     delete env.CHAT_SCYLLA_URI;
@@ -282,6 +282,49 @@ step("a reload shows alice's history oldest at the top", async () => {
   const texts = await alice.locator(tid('message-item')).locator(tid('message-content')).allTextContents();
   assert.deepEqual(texts, ['hello bob', 'hi alice!', 'missed one', 'missed two']);
   await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"][data-status="online"]')).waitFor();
+});
+
+step('a group of three: 60 messages; carol, connecting later, pages back with "load older"', async () => {
+  const { alice, bob } = pages;
+  await alice.locator(tid('new-kind-select')).selectOption('group');
+  await alice.locator(tid('new-members-input')).fill('bob, carol');
+  await alice.locator(tid('new-name-input')).fill('team');
+  await alice.locator(tid('create-conversation-button')).click();
+  await alice.locator(tid('conversation-title')).filter({ hasText: /^team$/ }).waitFor();
+  // carol never connected: offline, never seen.
+  await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="carol"][data-status="offline"]')).waitFor();
+  const input = alice.locator(tid('composer-input'));
+  for (let i = 1; i <= 60; i++) {
+    await input.fill(`group message ${i}`);
+    await input.press('Enter');
+  }
+  await alice.locator(tid('message-item', '[data-seq="60"][data-status="sent"]')).waitFor();
+  // bob (online) learns about the group from its first message, gets all 60 live, unread.
+  const item = convItem(bob, 'team');
+  await item.locator(tid('unread-badge'), { hasText: /^60$/ }).waitFor();
+  await item.click();
+  await bob.locator(tid('message-item', '[data-seq="60"]')).filter({ hasText: 'group message 60' }).waitFor();
+  await alice.locator(tid('message-item', '[data-seq="60"]')).locator(tid('read-receipt', '[data-users="bob"]')).waitFor();
+  // carol connects only now: her list has the group with 60 unread; history comes in pages of 50.
+  const carol = await openUser('carol');
+  await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="carol"][data-status="online"]')).waitFor();
+  const carolItem = convItem(carol, 'team');
+  await carolItem.locator(tid('unread-badge'), { hasText: /^60$/ }).waitFor();
+  await carolItem.click();
+  await carol.locator(tid('message-item', '[data-seq="60"]')).filter({ hasText: 'group message 60' }).waitFor();
+  const seqsOf = (page) => page.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(await seqsOf(carol), Array.from({ length: 50 }, (_, i) => i + 11), 'the newest 50, oldest at the top');
+  await carol.locator(tid('load-older-button')).click();
+  await carol.locator(tid('message-item', '[data-seq="1"]')).filter({ hasText: 'group message 1' }).waitFor();
+  assert.deepEqual(await seqsOf(carol), Array.from({ length: 60 }, (_, i) => i + 1));
+  await carol.locator(tid('load-older-button')).waitFor({ state: 'hidden' });
+  await alice.locator(tid('message-item', '[data-seq="60"]')).locator(tid('read-receipt', '[data-users="bob,carol"]')).waitFor();
+  await shoot(carol, 'carol-group');
+  await carol.context().close();
+  delete pages.carol;
+  // Back to the direct conversation for the rest of the story.
+  await convItem(alice, 'bob').click();
+  await alice.locator(tid('message-item', '[data-seq="4"]')).waitFor();
 });
 
 step('bob closes his page: after the offline debounce alice sees him offline', async () => {

@@ -37,6 +37,9 @@ struct Args {
     /// Redis URL for presence, router and store (several processes form one cluster).
     #[arg(long, env = "CHAT_REDIS_URL")]
     redis_url: Option<String>,
+    /// Key and channel prefix in Redis (every node of one cluster uses the same).
+    #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
+    redis_prefix: String,
     /// ScyllaDB contact point for the message store.
     #[arg(long, env = "CHAT_SCYLLA_URI")]
     scylla_uri: Option<String>,
@@ -68,11 +71,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.redis_url.is_some() || args.scylla_uri.is_some() {
-        bail!(
-            "CHAT_REDIS_URL / CHAT_SCYLLA_URI: the Redis and ScyllaDB backends are not part of this \
-             build yet; unset them to run on the in-memory parts"
-        );
+    if args.scylla_uri.is_some() {
+        bail!("CHAT_SCYLLA_URI: the ScyllaDB store is not part of this build yet; unset it");
     }
     let node_id = NodeId::new(args.node_id).context("CHAT_NODE_ID")?;
     let rate_limit = match (
@@ -82,18 +82,38 @@ async fn main() -> anyhow::Result<()> {
         (Some(per_second), Some(burst)) => Some(RateLimitConfig { per_second, burst }),
         _ => None,
     };
-    let chat = Chat::builder()
-        .configure(|c| {
-            c.node_id = node_id;
-            c.rate_limit = rate_limit;
-            c.max_message_bytes = args.max_message_bytes;
-            c.presence = PresenceConfig {
-                ttl: Duration::from_millis(args.presence_ttl_ms),
-                offline_debounce: Duration::from_millis(args.offline_debounce_ms),
-            };
-        })
-        .build()
-        .await?;
+    let presence_config = PresenceConfig {
+        ttl: Duration::from_millis(args.presence_ttl_ms),
+        offline_debounce: Duration::from_millis(args.offline_debounce_ms),
+    };
+    let mut builder = Chat::builder().configure(|c| {
+        c.node_id = node_id;
+        c.rate_limit = rate_limit;
+        c.max_message_bytes = args.max_message_bytes;
+        c.presence = presence_config;
+    });
+    let backends = match &args.redis_url {
+        Some(url) => {
+            let prefix = &args.redis_prefix;
+            let store = chat_store::RedisStore::new(url, prefix)
+                .await
+                .context("connecting the Redis store")?;
+            let presence =
+                chat_presence::RedisPresence::connect(url, prefix, node_id, presence_config)
+                    .await
+                    .context("connecting Redis presence")?;
+            let router = chat_presence::RedisRouter::connect(url, prefix, node_id)
+                .await
+                .context("connecting the Redis router")?;
+            builder = builder
+                .store(Arc::new(store))
+                .presence(Arc::new(presence))
+                .router(Arc::new(router));
+            "Redis store, presence and router (cluster mode)"
+        }
+        None => "in-memory parts: data is lost on restart",
+    };
+    let chat = builder.build().await?;
     let auth: Arc<dyn Authenticator> = match &args.jwt_secret {
         Some(secret) if !secret.is_empty() => Arc::new(JwtAuth::new(secret.as_bytes())),
         _ => {
@@ -110,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("cannot listen on {}", args.bind))?;
-    info!(addr = %listener.local_addr()?, node = %node_id, "chat-server ready (in-memory parts: data is lost on restart)");
+    info!(addr = %listener.local_addr()?, node = %node_id, backends, "chat-server ready");
 
     let stopper = chat.clone();
     tokio::spawn(async move {

@@ -1,0 +1,555 @@
+//! Several `chat-server` processes on one real Redis act as one chat: the wire contract across
+//! nodes, a 500-member group, presence and receipts across nodes, and faults (Redis restarted
+//! mid-traffic, a gateway killed mid-traffic).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_testkit::{RedisServer, free_port};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Node {
+    port: u16,
+    child: Child,
+}
+
+impl Node {
+    async fn start(redis: &RedisServer, id: u16, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        cmd.env("CHAT_BIND", format!("127.0.0.1:{port}"))
+            .env("CHAT_REDIS_URL", redis.url())
+            .env("CHAT_NODE_ID", id.to_string())
+            .env("CHAT_RATE_LIMIT", "0")
+            .env("RUST_LOG", "warn")
+            .env_remove("CHAT_JWT_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn chat-server");
+        let node = Self { port, child };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok((200, _)) = node.try_http("GET", "/healthz", None, None).await {
+                return node;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    async fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        user: Option<&str>,
+        body: Option<Value>,
+    ) -> std::io::Result<(u16, Value)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let user = user
+            .map(|u| format!("x-chat-user: {u}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{user}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        let text = String::from_utf8_lossy(&resp);
+        let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let json = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .and_then(|b| serde_json::from_str(b).ok())
+            .unwrap_or(Value::Null);
+        Ok((status, json))
+    }
+
+    async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        user: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.try_http(method, path, Some(user), body).await.unwrap()
+    }
+
+    /// Connects like a real client: retries with backoff while the node answers 5xx
+    /// (e.g. 503 while Redis is down).
+    async fn ws(&self, user: &str) -> Ws {
+        let url = format!("ws://127.0.0.1:{}/ws?user={user}", self.port);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok((stream, _)) => return Ws { stream },
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "cannot connect: {e}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+enum Frame {
+    Json(Value),
+    Closed(Option<u16>),
+}
+
+impl Ws {
+    async fn send(&mut self, v: Value) {
+        let _ = self.stream.send(Message::Text(v.to_string().into())).await;
+    }
+
+    async fn next_frame(&mut self, wait: Duration) -> Option<Frame> {
+        loop {
+            match tokio::time::timeout(wait, self.stream.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(Frame::Json(serde_json::from_str(&t).unwrap()));
+                }
+                Ok(Some(Ok(Message::Close(c)))) => {
+                    return Some(Frame::Closed(c.map(|c| u16::from(c.code))));
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_)) | None) => return Some(Frame::Closed(None)),
+            }
+        }
+    }
+
+    async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_frame(left).await {
+                Some(Frame::Json(v)) if v["type"] == ty => return v,
+                Some(Frame::Json(_)) => continue,
+                Some(Frame::Closed(c)) => panic!("closed ({c:?}) while waiting for {ty}"),
+                None => panic!("timed out waiting for {ty}"),
+            }
+        }
+    }
+
+    async fn send_message(&mut self, conv: &str, cmid: &str, content: &str) -> Value {
+        self.send(json!({"type": "message", "conversation_id": conv, "client_msg_id": cmid, "content": content}))
+            .await;
+        loop {
+            let v = self.recv_type_any(&["message_ack", "error"]).await;
+            if v["client_msg_id"] == cmid {
+                assert_eq!(v["type"], "message_ack", "{v}");
+                return v;
+            }
+        }
+    }
+
+    async fn recv_type_any(&mut self, types: &[&str]) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_frame(left).await {
+                Some(Frame::Json(v)) if types.iter().any(|t| v["type"] == *t) => return v,
+                Some(Frame::Json(_)) => continue,
+                Some(Frame::Closed(c)) => panic!("closed ({c:?}) while waiting for {types:?}"),
+                None => panic!("timed out waiting for {types:?}"),
+            }
+        }
+    }
+
+    /// Syncs `conv` from `after` to the end; returns the replayed messages.
+    async fn sync_all(&mut self, conv: &str, mut after: u64) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            self.send(json!({"type": "sync", "conversations": {conv: after}}))
+                .await;
+            loop {
+                let v = self.recv_type_any(&["message", "sync_done"]).await;
+                if v["type"] == "message" {
+                    if v["message"]["conversation_id"] == conv {
+                        after = after.max(v["message"]["seq"].as_u64().unwrap());
+                        out.push(v["message"].clone());
+                    }
+                    continue;
+                }
+                if v["more"].as_array().is_some_and(|m| !m.is_empty()) {
+                    break;
+                }
+                return out;
+            }
+        }
+    }
+}
+
+async fn conversation(node: &Node, creator: &str, kind: &str, members: &[&str]) -> String {
+    let (status, body) = node
+        .http(
+            "POST",
+            "/api/conversations",
+            creator,
+            Some(json!({"kind": kind, "members": members})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_serve_the_whole_contract_across_nodes() {
+    let redis = RedisServer::start().await;
+    let timing = [
+        ("CHAT_PRESENCE_TTL_MS", "3000"),
+        ("CHAT_OFFLINE_DEBOUNCE_MS", "500"),
+    ];
+    let a = Node::start(&redis, 1, &timing).await;
+    let b = Node::start(&redis, 2, &timing).await;
+    // Created on node A, used on node B: the store is shared.
+    let conv = conversation(&a, "alice", "direct", &["bob"]).await;
+    let mut alice = a.ws("alice").await;
+    let mut bob = b.ws("bob").await;
+    let mut bob_laptop = a.ws("bob").await;
+
+    // Presence across nodes: alice (on A) watches bob (on B and A).
+    alice
+        .send(json!({"type": "presence_subscribe", "user_ids": ["bob"]}))
+        .await;
+    assert_eq!(alice.recv_type("presence").await["status"], "online");
+
+    // Messages both ways, each device once.
+    let ack = alice.send_message(&conv, "a1", "hi from A").await;
+    assert_eq!(ack["seq"], 1);
+    for dev in [&mut bob, &mut bob_laptop] {
+        let m = dev.recv_type("message").await;
+        assert_eq!(m["message"]["content"], "hi from A");
+    }
+    let ack = bob.send_message(&conv, "b1", "hi from B").await;
+    assert_eq!(ack["seq"], 2);
+    assert_eq!(
+        alice.recv_type("message").await["message"]["content"],
+        "hi from B"
+    );
+    assert_eq!(bob_laptop.recv_type("message").await["message"]["seq"], 2);
+
+    // Typing and receipts across nodes.
+    bob.send(json!({"type": "typing", "conversation_id": conv}))
+        .await;
+    assert_eq!(alice.recv_type("typing").await["user_id"], "bob");
+    bob.send(json!({"type": "read", "conversation_id": conv, "seq": 1}))
+        .await;
+    let r = alice.recv_type("receipt").await;
+    assert_eq!(
+        (r["user_id"].as_str(), r["kind"].as_str(), r["seq"].as_u64()),
+        (Some("bob"), Some("read"), Some(1))
+    );
+    assert_eq!(bob_laptop.recv_type("receipt").await["seq"], 1);
+
+    // History and the conversation list from either node.
+    let (status, page) = b
+        .http(
+            "GET",
+            &format!("/api/conversations/{conv}/messages"),
+            "alice",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    let (_, list) = a.http("GET", "/api/conversations", "bob", None).await;
+    assert_eq!(list["conversations"][0]["id"], conv.as_str());
+    assert_eq!(
+        list["conversations"][0]["unread"], 0,
+        "bob's own message and the one he read"
+    );
+
+    // Sync on another node returns the same timeline.
+    let replay = bob_laptop.sync_all(&conv, 0).await;
+    assert_eq!(
+        replay
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    // Bob leaves both nodes: alice sees him offline after the debounce.
+    drop(bob);
+    drop(bob_laptop);
+    let p = alice.recv_type("presence").await;
+    assert_eq!(
+        (p["user_id"].as_str(), p["status"].as_str()),
+        (Some("bob"), Some("offline"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_member_group_across_three_nodes_gets_every_message_once_in_order() {
+    const MEMBERS: usize = 500;
+    const MESSAGES: u64 = 10;
+    let redis = RedisServer::start().await;
+    let nodes = [
+        Node::start(&redis, 1, &[]).await,
+        Node::start(&redis, 2, &[]).await,
+        Node::start(&redis, 3, &[]).await,
+    ];
+    let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let conv = conversation(&nodes[0], "sender", "group", &refs).await;
+    let mut clients = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        clients.push(nodes[i % 3].ws(n).await);
+    }
+    // Every member is subscribed on its node before the first send: a barrier per client.
+    for c in &mut clients {
+        c.send(json!({"type": "sync", "conversations": {}})).await;
+        c.recv_type("sync_done").await;
+    }
+    let mut sender = nodes[1].ws("sender").await;
+    for i in 0..MESSAGES {
+        sender
+            .send_message(&conv, &format!("g{i}"), &format!("n{i}"))
+            .await;
+    }
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        let conv = conv.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < MESSAGES as usize {
+                let m = c.recv_type("message").await;
+                assert_eq!(m["message"]["conversation_id"], conv.as_str());
+                seqs.push(m["message"]["seq"].as_u64().unwrap());
+            }
+            // Nothing twice.
+            if let Some(Frame::Json(v)) = c.next_frame(Duration::from_millis(100)).await {
+                assert_ne!(v["type"], "message", "delivered twice: {v}");
+            }
+            seqs
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (1..=MESSAGES).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_traffic_loses_no_acked_message() {
+    // Durable before ack: Redis fsyncs every write before answering.
+    let mut redis =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let a = Node::start(&redis, 1, &[]).await;
+    let b = Node::start(&redis, 2, &[]).await;
+    let conv = conversation(&a, "alice", "direct", &["bob"]).await;
+    let mut alice = a.ws("alice").await;
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    // Bob's view: message_id by seq, live or synced.
+    let mut bob_seen: BTreeMap<u64, String> = BTreeMap::new();
+    let mut bob = b.ws("bob").await;
+    let contiguous = |seen: &BTreeMap<u64, String>| {
+        let mut n = 0;
+        while seen.contains_key(&(n + 1)) {
+            n += 1;
+        }
+        n
+    };
+
+    let total = 60;
+    for i in 0..total {
+        if i == 20 {
+            redis.restart().await;
+        }
+        // Send with retries (same client_msg_id) until acked; reconnect when the node closes
+        // the socket (4000 resync after its pub/sub connection came back).
+        let cmid = format!("r{i}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        'send: loop {
+            assert!(tokio::time::Instant::now() < deadline, "{cmid} never acked");
+            alice
+                .send(json!({"type": "message", "conversation_id": conv, "client_msg_id": cmid, "content": cmid}))
+                .await;
+            loop {
+                match alice.next_frame(Duration::from_secs(5)).await {
+                    Some(Frame::Json(v))
+                        if v["type"] == "message_ack" && v["client_msg_id"] == cmid.as_str() =>
+                    {
+                        acked.insert(
+                            v["seq"].as_u64().unwrap(),
+                            v["message_id"].as_str().unwrap().to_owned(),
+                        );
+                        break 'send;
+                    }
+                    Some(Frame::Json(v)) if v["type"] == "error" => {
+                        // The store is unreachable: retry later with the same key.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'send;
+                    }
+                    Some(Frame::Json(_)) => continue,
+                    Some(Frame::Closed(_)) | None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        alice = a.ws("alice").await;
+                        continue 'send;
+                    }
+                }
+            }
+        }
+        // Bob reads live; if his node asks him to resync (or drops him), he reconnects and
+        // syncs from his last contiguous seq.
+        while let Some(frame) = bob.next_frame(Duration::from_millis(5)).await {
+            match frame {
+                Frame::Json(v) if v["type"] == "message" => {
+                    let m = &v["message"];
+                    bob_seen.insert(
+                        m["seq"].as_u64().unwrap(),
+                        m["message_id"].as_str().unwrap().to_owned(),
+                    );
+                }
+                Frame::Json(_) => {}
+                Frame::Closed(_) => {
+                    bob = b.ws("bob").await;
+                    for m in bob.sync_all(&conv, contiguous(&bob_seen)).await {
+                        bob_seen.insert(
+                            m["seq"].as_u64().unwrap(),
+                            m["message_id"].as_str().unwrap().to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Seqs are exactly 1..=total (gap-free despite the restart and the retries).
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    // Every acked message is in history.
+    let mut history = HashMap::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/conversations/{conv}/messages?limit=100&before={b}"),
+            None => format!("/api/conversations/{conv}/messages?limit=100"),
+        };
+        let (status, page) = b.http("GET", &path, "bob", None).await;
+        assert_eq!(status, 200, "{page}");
+        for m in page["messages"].as_array().unwrap() {
+            history.insert(
+                m["seq"].as_u64().unwrap(),
+                m["message_id"].as_str().unwrap().to_owned(),
+            );
+        }
+        match page["next"].as_u64() {
+            Some(n) => before = Some(n),
+            None => break,
+        }
+    }
+    for (seq, id) in &acked {
+        assert_eq!(
+            history.get(seq),
+            Some(id),
+            "acked seq {seq} missing from history"
+        );
+    }
+    // Every acked message reached bob, live or by the sync a client does after reconnecting.
+    for m in bob.sync_all(&conv, contiguous(&bob_seen)).await {
+        bob_seen.insert(
+            m["seq"].as_u64().unwrap(),
+            m["message_id"].as_str().unwrap().to_owned(),
+        );
+    }
+    assert_eq!(
+        bob_seen, acked,
+        "bob's timeline differs from what was acked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_loses_nothing_and_its_users_go_offline() {
+    let redis = RedisServer::start().await;
+    let timing = [
+        ("CHAT_PRESENCE_TTL_MS", "1500"),
+        ("CHAT_OFFLINE_DEBOUNCE_MS", "500"),
+    ];
+    let a = Node::start(&redis, 1, &timing).await;
+    let mut b = Node::start(&redis, 2, &timing).await;
+    let conv = conversation(&a, "alice", "group", &["bob", "carol"]).await;
+    let mut alice = a.ws("alice").await;
+    alice
+        .send(json!({"type": "presence_subscribe", "user_ids": ["carol"]}))
+        .await;
+    let mut bob = b.ws("bob").await;
+    let _carol = b.ws("carol").await;
+    // Wait until alice sees carol online (her presence crossed nodes).
+    loop {
+        let p = alice.recv_type("presence").await;
+        if p["status"] == "online" {
+            break;
+        }
+    }
+    let mut bob_seen = HashSet::new();
+    for i in 0..10 {
+        alice.send_message(&conv, &format!("k{i}"), "x").await;
+    }
+    for _ in 0..10 {
+        bob_seen.insert(
+            bob.recv_type("message").await["message"]["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    // Node B dies (SIGKILL: no goodbye, no presence cleanup).
+    b.kill().await;
+    for i in 10..20 {
+        alice.send_message(&conv, &format!("k{i}"), "x").await;
+    }
+    // Bob's client notices, reconnects to node A and syncs from his last contiguous seq.
+    loop {
+        match bob.next_frame(WAIT).await {
+            Some(Frame::Closed(_)) | None => break,
+            Some(Frame::Json(_)) => continue,
+        }
+    }
+    let mut bob = a.ws("bob").await;
+    for m in bob.sync_all(&conv, 10).await {
+        bob_seen.insert(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        bob_seen,
+        (1..=20).collect::<HashSet<_>>(),
+        "bob missed messages"
+    );
+    // Carol's sessions lived only on the dead node: offline after TTL + debounce.
+    let p = alice.recv_type("presence").await;
+    assert_eq!(
+        (p["user_id"].as_str(), p["status"].as_str()),
+        (Some("carol"), Some("offline"))
+    );
+}
