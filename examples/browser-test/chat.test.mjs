@@ -219,7 +219,7 @@ step('bob types: alice sees "bob is typing…", and it goes away without new typ
   await bob.locator(tid('composer-input')).pressSequentially('hi ali', { delay: 30 });
   const typing = alice.locator(tid('typing-indicator'));
   await typing.filter({ hasText: 'bob is typing' }).waitFor();
-  // ~4 s after the last typing event the indicator hides itself.
+  // A few seconds after the last typing event the indicator hides itself.
   await typing.waitFor({ state: 'hidden', timeout: WAIT });
 });
 

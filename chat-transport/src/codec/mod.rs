@@ -2,90 +2,128 @@
 //!
 //! | codec | subprotocol | query | frames | schema |
 //! |---|---|---|---|---|
-//! | [`Codec::Json`] (default) | `chat.v1.json` | `?codec=json` | text | the serde shape of `chat_core::protocol` |
-//! | [`Codec::Proto`] | `chat.v1.proto` | `?codec=proto` | binary | `chat-transport/proto/chat.proto` (`ClientFrame` / `ServerFrame`) |
+//! | [`Codec::Json`] (default) | `chat.v1.json` | `?codec=json` | text | the serde shape of [`chat_core::protocol`] |
+//! | [`Codec::Proto`] | `chat.v1.proto` | `?codec=proto` | binary | `chat-transport/proto/chat.proto` ([`pb::ClientFrame`] / [`pb::ServerFrame`]) |
 //!
-//! Fan-out encodes a [`Frame`] once per codec ([`Codec::encode_frame`]): every recipient using
-//! the same codec shares the same bytes.
+//! * **JSON is the serde shape**: [`Codec::encode`] is exactly `serde_json::to_vec(&event)`, and
+//!   decoding ignores unknown extra fields.
+//! * **Protobuf is lossless**: every [`Command`] and [`Event`] converts to its protobuf frame and
+//!   back unchanged ([`From`] / [`TryFrom`] impls on the [`pb`] types). Decoding rejects what
+//!   the Rust types cannot represent (no `frame` case, a missing message, an unknown enum
+//!   number) instead of guessing; the only default is an unspecified `kind`, which means text.
+//! * **Encode once per fan-out**: [`Codec::encode_frame`] caches the bytes in the shared
+//!   [`Frame`], so every recipient using the same codec gets the same [`Bytes`].
+//! * **Errors say what was wrong** ([`DecodeError`]): not UTF-8, malformed JSON, no `type`,
+//!   an unknown `type` (named), a known type with bad fields, malformed or invalid protobuf.
+//!   [`DecodeError::to_error`] turns any of them into the `invalid` error the client gets.
+//!   No input makes a decoder panic.
 //!
 //! ```
-//! use chat_core::{Command, ConversationId, Event};
-//! use chat_transport::codec::Codec;
+//! use chat_core::{Command, ConversationId, ErrorCode, Event, Frame};
+//! use chat_transport::codec::{Codec, DecodeError};
 //!
+//! // A client frame, in JSON (unknown fields are ignored)...
 //! let cmd = Codec::Json
-//!     .decode(br#"{"type":"typing","conversation_id":"42"}"#)
+//!     .decode(br#"{"type":"typing","conversation_id":"42","extra":true}"#)
 //!     .unwrap();
 //! assert_eq!(cmd, Command::Typing { conversation_id: ConversationId::from_raw(42) });
 //!
-//! // The same command in protobuf, and back.
+//! // ...and the same command in protobuf, and back.
 //! let bytes = Codec::Proto.encode_command(&cmd);
 //! assert_eq!(Codec::Proto.decode(&bytes).unwrap(), cmd);
 //!
+//! // A bad frame gets an `invalid` error that names the problem.
 //! let err = Codec::Json.decode(br#"{"type":"dance"}"#).unwrap_err();
-//! assert!(err.to_string().contains("dance"));
+//! assert_eq!(err, DecodeError::UnknownType("dance".into()));
+//! let event = Event::error(&err.to_error(), None);
+//! assert!(matches!(&event, Event::Error { code: ErrorCode::Invalid, message, .. }
+//!     if message.contains("dance")));
+//!
+//! // Fan-out: encoded at most once per codec, whatever the number of recipients.
+//! let frame = Frame::new(event);
+//! let (a, b) = (Codec::Proto.encode_frame(&frame), Codec::Proto.encode_frame(&frame));
+//! assert_eq!(a.as_ptr(), b.as_ptr());
+//! assert_eq!(Codec::Proto.decode_event(&a).unwrap(), *frame.event());
 //! ```
 
 use bytes::Bytes;
 use chat_core::{Command, Event, Frame};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 mod proto;
 
-/// The generated protobuf types of `proto/chat.proto` (package `chat.v1`).
+/// The protobuf types generated from `proto/chat.proto` (package `chat.v1`).
+///
+/// Convert with `pb::ServerFrame::from(&event)`, `Command::try_from(client_frame)` and so on;
+/// the [`Codec`] methods do that and the byte encoding in one step.
 #[allow(
     missing_docs,
     missing_debug_implementations,
     clippy::all,
-    clippy::pedantic
+    clippy::pedantic,
+    clippy::unwrap_used
 )]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/chat.v1.rs"));
 }
 
-/// A wire encoding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A wire encoding of frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Codec {
     /// JSON text frames (the default).
+    #[default]
     Json,
     /// Protobuf binary frames.
     Proto,
 }
 
-/// Why a frame could not be decoded.
-#[derive(Debug, thiserror::Error)]
+/// Why a frame could not be decoded. Every variant is a client error: answer it with
+/// [`DecodeError::to_error`] (an `invalid` error) and keep the connection open.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// Not valid JSON (or not UTF-8).
+    /// A JSON frame that is not UTF-8.
+    #[error("frame is not valid UTF-8 (bad byte at offset {valid_up_to})")]
+    NotUtf8 {
+        /// Length of the valid UTF-8 prefix.
+        valid_up_to: usize,
+    },
+    /// Not JSON, or JSON that is not an object.
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
     /// A JSON object without a string `type`.
-    #[error("frame has no \"type\"")]
+    #[error("frame has no \"type\" string")]
     MissingType,
-    /// A `type` this server does not know.
+    /// A `type` this side does not know (shortened if very long).
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
-    /// A known type with missing or invalid fields.
-    #[error("invalid {frame} frame: {reason}")]
+    /// A known `type` with missing or invalid fields.
+    #[error("invalid {frame:?} frame: {reason}")]
     InvalidFields {
         /// The frame type.
         frame: String,
-        /// What is wrong.
+        /// What is wrong (from the JSON decoder; shortened if very long).
         reason: String,
     },
     /// Not a valid protobuf message.
     #[error("malformed protobuf: {0}")]
     MalformedProto(String),
-    /// A protobuf frame without its `frame` oneof, or with an out-of-range enum.
+    /// Valid protobuf that is not a valid frame: no `frame` case (empty, or a case this side
+    /// does not know), a missing required message, an unknown or unspecified enum value.
     #[error("invalid protobuf frame: {0}")]
     InvalidProto(String),
 }
 
 impl DecodeError {
-    /// The engine error the client receives (`invalid`).
+    /// The engine error the client receives: always [`chat_core::Error::Invalid`].
     pub fn to_error(&self) -> chat_core::Error {
         chat_core::Error::invalid(self.to_string())
     }
 }
 
+/// The JSON `type`s of [`Command`]s. Only used to tell "unknown type" from "bad fields" once
+/// decoding failed; a valid frame never looks here.
 const CLIENT_TYPES: [&str; 9] = [
     "message",
     "typing",
@@ -98,6 +136,7 @@ const CLIENT_TYPES: [&str; 9] = [
     "presence_unsubscribe",
 ];
 
+/// The JSON `type`s of [`Event`]s.
 const SERVER_TYPES: [&str; 9] = [
     "message_ack",
     "message",
@@ -110,8 +149,13 @@ const SERVER_TYPES: [&str; 9] = [
     "error",
 ];
 
+/// Longest unknown `type` echoed back in an error, in bytes.
+const MAX_ECHOED_TYPE: usize = 64;
+/// Longest decoder message echoed back in an error, in bytes (serde quotes bad values).
+const MAX_REASON: usize = 256;
+
 impl Codec {
-    /// The codec named by a WebSocket subprotocol.
+    /// The codec named by a WebSocket subprotocol (`chat.v1.json`, `chat.v1.proto`).
     pub fn from_subprotocol(protocol: &str) -> Option<Self> {
         match protocol {
             "chat.v1.json" => Some(Self::Json),
@@ -128,7 +172,7 @@ impl Codec {
         }
     }
 
-    /// The codec named by a `?codec=` value.
+    /// The codec named by a `?codec=` value (`json`, `proto`; `protobuf` is accepted too).
     pub fn from_query_value(value: &str) -> Option<Self> {
         match value {
             "json" => Some(Self::Json),
@@ -137,12 +181,12 @@ impl Codec {
         }
     }
 
-    /// Whether frames are binary (protobuf) rather than text (JSON).
+    /// Whether frames are binary WebSocket frames (protobuf) rather than text (JSON).
     pub fn is_binary(self) -> bool {
         matches!(self, Self::Proto)
     }
 
-    /// The [`Frame`] cache slot of this codec.
+    /// The [`Frame`] cache slot of this codec (see [`Frame::encoded`]).
     pub fn slot(self) -> usize {
         match self {
             Self::Json => 0,
@@ -150,40 +194,37 @@ impl Codec {
         }
     }
 
-    /// Encodes an event.
+    /// Encodes an event (server → client).
     pub fn encode(self, event: &Event) -> Bytes {
         match self {
-            // Serializing our own types to JSON cannot fail (no maps with non-string keys,
-            // no failing Serialize impls).
-            Self::Json => Bytes::from(serde_json::to_vec(event).unwrap_or_default()),
-            Self::Proto => Bytes::from(prost::Message::encode_to_vec(&proto::server_frame(event))),
+            Self::Json => to_json(event, event.type_name()),
+            Self::Proto => Bytes::from(prost::Message::encode_to_vec(&pb::ServerFrame::from(
+                event,
+            ))),
         }
     }
 
-    /// Encodes a shared frame, at most once per codec however many connections send it.
+    /// Encodes a shared frame, at most once per codec however many connections send it:
+    /// later calls return the same [`Bytes`].
     pub fn encode_frame(self, frame: &Frame) -> Bytes {
         frame.encoded(self.slot(), |event| self.encode(event))
     }
 
-    /// Decodes a client frame.
+    /// Decodes a client frame (client → server).
     pub fn decode(self, payload: &[u8]) -> Result<Command, DecodeError> {
         match self {
             Self::Json => decode_json(payload, &CLIENT_TYPES),
-            Self::Proto => {
-                let frame: pb::ClientFrame = prost::Message::decode(payload)
-                    .map_err(|e| DecodeError::MalformedProto(e.to_string()))?;
-                proto::command(frame)
-            }
+            Self::Proto => Command::try_from(decode_proto::<pb::ClientFrame>(payload)?),
         }
     }
 
     /// Encodes a client frame (for Rust clients: tests, the load generator, bots).
     pub fn encode_command(self, command: &Command) -> Bytes {
         match self {
-            Self::Json => Bytes::from(serde_json::to_vec(command).unwrap_or_default()),
-            Self::Proto => {
-                Bytes::from(prost::Message::encode_to_vec(&proto::client_frame(command)))
-            }
+            Self::Json => to_json(command, command.type_name()),
+            Self::Proto => Bytes::from(prost::Message::encode_to_vec(&pb::ClientFrame::from(
+                command,
+            ))),
         }
     }
 
@@ -191,32 +232,204 @@ impl Codec {
     pub fn decode_event(self, payload: &[u8]) -> Result<Event, DecodeError> {
         match self {
             Self::Json => decode_json(payload, &SERVER_TYPES),
-            Self::Proto => {
-                let frame: pb::ServerFrame = prost::Message::decode(payload)
-                    .map_err(|e| DecodeError::MalformedProto(e.to_string()))?;
-                proto::event(frame)
-            }
+            Self::Proto => Event::try_from(decode_proto::<pb::ServerFrame>(payload)?),
         }
     }
 }
 
-/// Decodes JSON in two steps so errors say what was wrong: parse to a value (malformed?),
-/// look at `type` (missing? unknown?), then the typed decode (which fields?).
-fn decode_json<T: serde::de::DeserializeOwned>(
-    payload: &[u8],
-    known: &[&str],
-) -> Result<T, DecodeError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
-    let ty = match value.get("type") {
-        Some(serde_json::Value::String(t)) => t.clone(),
-        _ => return Err(DecodeError::MissingType),
-    };
-    if !known.contains(&ty.as_str()) {
-        return Err(DecodeError::UnknownType(ty));
+/// Serializes a protocol value. Our types cannot fail to serialize (string map keys, no
+/// fallible `Serialize` impls); if that ever changed, the peer gets a visible `internal` error
+/// frame rather than an empty or truncated one.
+fn to_json<T: Serialize>(value: &T, type_name: &str) -> Bytes {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(err) => Bytes::from(
+            serde_json::json!({
+                "type": "error",
+                "code": "internal",
+                "message": format!("could not encode a {type_name:?} frame as JSON: {err}"),
+            })
+            .to_string(),
+        ),
     }
-    serde_json::from_value(value).map_err(|e| DecodeError::InvalidFields {
-        frame: ty,
-        reason: e.to_string(),
-    })
+}
+
+fn decode_proto<M: prost::Message + Default>(payload: &[u8]) -> Result<M, DecodeError> {
+    M::decode(payload).map_err(|e| DecodeError::MalformedProto(e.to_string()))
+}
+
+/// Decodes a JSON frame in one pass; only when that fails does it look again to say why
+/// (not an object? no `type`? an unknown `type`? bad fields of a known one?).
+fn decode_json<T: DeserializeOwned>(payload: &[u8], known: &[&str]) -> Result<T, DecodeError> {
+    let text = std::str::from_utf8(payload).map_err(|e| DecodeError::NotUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
+    // Serde would also accept an array for an internally tagged enum (`["typing", …]`); the
+    // protocol says every frame is an object.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(DecodeError::MalformedJson(
+            "a frame must be a JSON object".to_owned(),
+        ));
+    }
+    match serde_json::from_str::<T>(text) {
+        Ok(value) => Ok(value),
+        Err(err) if err.is_data() => Err(diagnose(text, known, &err)),
+        Err(err) => Err(DecodeError::MalformedJson(err.to_string())),
+    }
+}
+
+/// Why a syntactically valid JSON object did not decode.
+fn diagnose(text: &str, known: &[&str], err: &serde_json::Error) -> DecodeError {
+    /// Only the tag; every other field is skipped.
+    #[derive(serde::Deserialize)]
+    struct Tag {
+        #[serde(rename = "type")]
+        ty: Option<serde_json::Value>,
+    }
+    match serde_json::from_str::<Tag>(text) {
+        Ok(Tag {
+            ty: Some(serde_json::Value::String(ty)),
+        }) => {
+            if known.contains(&ty.as_str()) {
+                DecodeError::InvalidFields {
+                    frame: ty,
+                    reason: shorten(&err.to_string(), MAX_REASON),
+                }
+            } else {
+                DecodeError::UnknownType(shorten(&ty, MAX_ECHOED_TYPE))
+            }
+        }
+        Ok(Tag { ty: _ }) => DecodeError::MissingType,
+        // For example a duplicate `type` field.
+        Err(_) => DecodeError::MalformedJson(shorten(&err.to_string(), MAX_REASON)),
+    }
+}
+
+/// `s`, cut to at most `max` bytes (on a char boundary) with `…` appended when cut.
+fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_lists_match_the_protocol_types() {
+        use chat_core::model::{PresenceStatus, ReceiptKind};
+        use chat_core::protocol::SendMessage;
+        use chat_core::{ConversationId, ErrorCode, MessageId, UserId};
+        let (c, m, u) = (
+            ConversationId::from_raw(1),
+            MessageId::from_raw(1),
+            UserId::from("u"),
+        );
+        let commands = [
+            Command::Message(SendMessage {
+                conversation_id: c,
+                client_msg_id: "k".into(),
+                content: String::new(),
+                kind: Default::default(),
+                media: None,
+                reply_to: None,
+            }),
+            Command::Typing { conversation_id: c },
+            Command::Delivered {
+                conversation_id: c,
+                seq: 1,
+            },
+            Command::Read {
+                conversation_id: c,
+                seq: 1,
+            },
+            Command::Edit {
+                conversation_id: c,
+                message_id: m,
+                content: String::new(),
+            },
+            Command::Delete {
+                conversation_id: c,
+                message_id: m,
+            },
+            Command::Sync {
+                conversations: Default::default(),
+            },
+            Command::PresenceSubscribe { user_ids: vec![] },
+            Command::PresenceUnsubscribe { user_ids: vec![] },
+        ];
+        let names: Vec<_> = commands.iter().map(Command::type_name).collect();
+        assert_eq!(names, CLIENT_TYPES);
+
+        let message = chat_core::model::NewMessage {
+            message_id: m,
+            conversation_id: c,
+            sender_id: u.clone(),
+            client_msg_id: "k".into(),
+            kind: Default::default(),
+            content: String::new(),
+            media: None,
+            reply_to: None,
+            created_at: 0,
+        }
+        .into_message(1);
+        let events = [
+            Event::MessageAck {
+                client_msg_id: "k".into(),
+                conversation_id: c,
+                message_id: m,
+                seq: 1,
+                timestamp: 0,
+            },
+            Event::Message {
+                message: message.clone(),
+            },
+            Event::Typing {
+                conversation_id: c,
+                user_id: u.clone(),
+            },
+            Event::Receipt {
+                conversation_id: c,
+                user_id: u.clone(),
+                kind: ReceiptKind::Read,
+                seq: 1,
+            },
+            Event::MessageEdited {
+                message: message.clone(),
+            },
+            Event::MessageDeleted { message },
+            Event::SyncDone {
+                conversations: Default::default(),
+                more: vec![],
+            },
+            Event::Presence {
+                user_id: u,
+                status: PresenceStatus::Online,
+                last_seen: None,
+            },
+            Event::Error {
+                code: ErrorCode::Invalid,
+                message: String::new(),
+                client_msg_id: None,
+            },
+        ];
+        let names: Vec<_> = events.iter().map(Event::type_name).collect();
+        assert_eq!(names, SERVER_TYPES);
+    }
+
+    #[test]
+    fn shorten_cuts_on_a_char_boundary() {
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcd", 3), "abc…");
+        assert_eq!(shorten("aé", 2), "a…");
+    }
 }
