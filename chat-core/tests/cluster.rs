@@ -226,7 +226,11 @@ async fn presence_crosses_nodes_to_subscribers() {
 
 #[tokio::test]
 async fn a_router_gap_makes_clients_resync_and_sync_fills_it() {
-    let c = Cluster::new(2, |cfg| cfg.router_inbox = 1).await;
+    let c = Cluster::new(2, |cfg| {
+        cfg.router_inbox = 1;
+        cfg.resync_jitter = std::time::Duration::from_millis(200);
+    })
+    .await;
     let conv = c
         .create(ConversationKind::Direct, "alice", &["bob".into()])
         .await;

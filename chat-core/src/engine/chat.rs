@@ -1072,10 +1072,19 @@ async fn router_loop(
                 // Live delivery to this node had a gap: every local client must resync from the
                 // store. Closing makes them reconnect and sync (the documented client recipe).
                 warn!("router lagged: asking every local connection to resync");
+                let jitter_ms = chat.inner.config.resync_jitter.as_millis() as u64;
                 for conn in chat.inner.registry.connections() {
-                    conn.request_close(CloseReason::Resync);
+                    // Spread deterministically by connection id (a Snowflake: its low bits
+                    // are well mixed across connections).
+                    let delay = std::time::Duration::from_millis(
+                        conn.id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) % (jitter_ms + 1),
+                    );
                     let chat = chat.clone();
-                    tokio::spawn(async move { chat.disconnect(conn.id).await });
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        conn.request_close(CloseReason::Resync);
+                        chat.disconnect(conn.id).await;
+                    });
                 }
             }
         }

@@ -46,6 +46,10 @@ pub struct ChatConfig {
     pub push_window: Duration,
     /// Capacity of the push queue in messages; overflow is dropped with a warning (default 10,000).
     pub push_queue: usize,
+    /// When the router reports a gap, local connections are asked to resync spread over this
+    /// window (so a Redis restart does not make every client of every node reconnect in the
+    /// same instant; default 2 s).
+    pub resync_jitter: Duration,
 }
 
 impl Default for ChatConfig {
@@ -67,6 +71,7 @@ impl Default for ChatConfig {
             max_presence_watch: 1000,
             push_window: Duration::from_secs(2),
             push_queue: 10_000,
+            resync_jitter: Duration::from_secs(2),
         }
     }
 }
