@@ -117,6 +117,15 @@ impl Error {
         match self {
             Self::Unavailable { backend, .. } => format!("{backend} backend unavailable"),
             Self::Internal(_) => "internal error".to_owned(),
+            // The code travels next to the message: do not repeat it.
+            Self::Unauthorized(m)
+            | Self::Forbidden(m)
+            | Self::NotFound(m)
+            | Self::Invalid(m)
+            | Self::Conflict(m) => m.to_string(),
+            Self::TooLarge { size, limit } => {
+                format!("content is {size} bytes; the limit is {limit}")
+            }
             other => other.to_string(),
         }
     }

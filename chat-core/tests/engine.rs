@@ -568,8 +568,20 @@ async fn typing_is_throttled_per_user_and_not_echoed() {
     assert!(
         matches!(next(&mut bob).await, Event::Typing { user_id, .. } if user_id == UserId::from("carol"))
     );
+    // Sending a message resets the throttle: the next keystroke shows "typing" at once.
+    send_ok(&mut a1, conv, "t1", "sent").await;
+    let _ = next(&mut bob).await;
+    let _ = next(&mut carol).await;
+    a2.drain();
+    a1.send(typing.clone()).await;
+    assert!(
+        matches!(next(&mut bob).await, Event::Typing { user_id, .. } if user_id == UserId::from("alice"))
+    );
+    assert!(
+        matches!(next(&mut carol).await, Event::Typing { user_id, .. } if user_id == UserId::from("alice"))
+    );
     // After the window, forwarded again.
-    tokio::time::advance(std::time::Duration::from_millis(2100)).await;
+    tokio::time::advance(std::time::Duration::from_millis(3100)).await;
     a2.send(typing).await;
     assert!(
         matches!(next(&mut bob).await, Event::Typing { user_id, .. } if user_id == UserId::from("alice"))

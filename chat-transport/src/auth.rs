@@ -111,7 +111,20 @@ impl JwtAuth {
     /// Checks a token and returns its user.
     pub fn verify(&self, token: &str) -> Result<UserId, Error> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| Error::Unauthorized(format!("invalid token: {e}").into()))?;
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                // Say what is wrong without echoing library internals.
+                let why = match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token not valid yet",
+                    ErrorKind::InvalidSignature => "token signature does not match",
+                    ErrorKind::InvalidAudience => "token audience not accepted",
+                    ErrorKind::MissingRequiredClaim(_) => "token lacks sub or exp",
+                    ErrorKind::InvalidAlgorithm => "token must be HS256",
+                    _ => "malformed token",
+                };
+                Error::Unauthorized(why.into())
+            })?;
         UserId::parse(&data.claims.sub)
             .map_err(|_| Error::Unauthorized("token subject is not a valid user id".into()))
     }

@@ -1,14 +1,19 @@
-//! Both codecs: every frame round-trips; JSON is exactly the serde shape; protobuf is lossless;
-//! arbitrary input never panics a decoder.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Both codecs: every frame round-trips; JSON is exactly the serde shape; protobuf is lossless
+//! and rejects what it cannot represent; a shared frame is encoded once per codec; arbitrary
+//! input never panics a decoder.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
 use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
 use chat_core::protocol::SendMessage;
 use chat_core::{Command, ConversationId, ErrorCode, Event, Frame, MessageId, UserId};
+use chat_transport::codec::pb::{self, client_frame::Frame as CF, server_frame::Frame as SF};
 use chat_transport::codec::{Codec, DecodeError};
 use proptest::prelude::*;
+use prost::Message as _;
+
+const CODECS: [Codec; 2] = [Codec::Json, Codec::Proto];
 
 fn message(id: u64, media: bool, edited: bool) -> Message {
     Message {
@@ -21,7 +26,7 @@ fn message(id: u64, media: bool, edited: bool) -> Message {
         } else {
             MessageKind::Text
         },
-        content: "héllo\n\"quoted\"".into(),
+        content: "héllo\n\"quoted\" \u{0}\u{1F600}".into(),
         media: media.then(|| Media {
             url: "https://cdn.example.com/a.png".into(),
             mime: "image/png".into(),
@@ -33,7 +38,7 @@ fn message(id: u64, media: bool, edited: bool) -> Message {
         created_at: 1_700_000_000_000,
         edited_at: edited.then_some(1_700_000_000_001),
         deleted: edited,
-        version: if edited { 3 } else { 1 },
+        version: if edited { u32::MAX } else { 1 },
     }
 }
 
@@ -49,17 +54,30 @@ fn all_commands() -> Vec<Command> {
             reply_to: None,
         }),
         Command::Message(SendMessage {
-            conversation_id: c,
-            client_msg_id: "k2".into(),
+            conversation_id: ConversationId::from_raw(0),
+            client_msg_id: String::new(),
             content: String::new(),
             kind: MessageKind::File,
             media: Some(Media {
                 url: "https://x/y".into(),
                 mime: "application/pdf".into(),
                 size: 0,
-                name: Some("y.pdf".into()),
+                name: Some("y — ü.pdf".into()),
             }),
-            reply_to: Some(MessageId::from_raw(7)),
+            reply_to: Some(MessageId::from_raw(u64::MAX)),
+        }),
+        Command::Message(SendMessage {
+            conversation_id: c,
+            client_msg_id: "sys".into(),
+            content: "x".into(),
+            kind: MessageKind::System,
+            media: Some(Media {
+                url: String::new(),
+                mime: String::new(),
+                size: 1,
+                name: Some(String::new()),
+            }),
+            reply_to: Some(MessageId::from_raw(0)),
         }),
         Command::Typing { conversation_id: c },
         Command::Delivered {
@@ -73,7 +91,12 @@ fn all_commands() -> Vec<Command> {
         Command::Edit {
             conversation_id: c,
             message_id: MessageId::from_raw(3),
-            content: "e".into(),
+            content: "é 日本語".into(),
+        },
+        Command::Edit {
+            conversation_id: c,
+            message_id: MessageId::from_raw(u64::MAX),
+            content: String::new(),
         },
         Command::Delete {
             conversation_id: c,
@@ -83,10 +106,18 @@ fn all_commands() -> Vec<Command> {
             conversations: BTreeMap::new(),
         },
         Command::Sync {
-            conversations: BTreeMap::from([(c, 5), (ConversationId::from_raw(1), 0)]),
+            conversations: BTreeMap::from([
+                (c, u64::MAX),
+                (ConversationId::from_raw(0), 0),
+                (ConversationId::from_raw(1), 5),
+            ]),
         },
         Command::PresenceSubscribe {
-            user_ids: vec![UserId::from("a"), UserId::from("b")],
+            user_ids: vec![UserId::from("a"), UserId::from("ü 🚀")],
+        },
+        Command::PresenceSubscribe { user_ids: vec![] },
+        Command::PresenceUnsubscribe {
+            user_ids: vec![UserId::from("b")],
         },
         Command::PresenceUnsubscribe { user_ids: vec![] },
     ]
@@ -100,13 +131,20 @@ fn all_events() -> Vec<Event> {
             conversation_id: c,
             message_id: MessageId::from_raw(u64::MAX),
             seq: 1,
-            timestamp: 2,
+            timestamp: u64::MAX,
+        },
+        Event::MessageAck {
+            client_msg_id: String::new(),
+            conversation_id: ConversationId::from_raw(0),
+            message_id: MessageId::from_raw(0),
+            seq: 0,
+            timestamp: 0,
         },
         Event::Message {
             message: message(1, false, false),
         },
         Event::Message {
-            message: message(2, true, false),
+            message: message(u64::MAX, true, false),
         },
         Event::Typing {
             conversation_id: c,
@@ -122,7 +160,7 @@ fn all_events() -> Vec<Event> {
             conversation_id: c,
             user_id: UserId::from("bob"),
             kind: ReceiptKind::Read,
-            seq: 3,
+            seq: u64::MAX,
         },
         Event::MessageEdited {
             message: message(3, false, true),
@@ -131,8 +169,8 @@ fn all_events() -> Vec<Event> {
             message: message(4, true, true),
         },
         Event::SyncDone {
-            conversations: BTreeMap::from([(c, 10)]),
-            more: vec![c],
+            conversations: BTreeMap::from([(c, 10), (ConversationId::from_raw(u64::MAX), 0)]),
+            more: vec![c, ConversationId::from_raw(u64::MAX)],
         },
         Event::SyncDone {
             conversations: BTreeMap::new(),
@@ -142,6 +180,11 @@ fn all_events() -> Vec<Event> {
             user_id: UserId::from("bob"),
             status: PresenceStatus::Online,
             last_seen: Some(5),
+        },
+        Event::Presence {
+            user_id: UserId::from("bob"),
+            status: PresenceStatus::Offline,
+            last_seen: Some(0),
         },
         Event::Presence {
             user_id: UserId::from("nobody"),
@@ -159,11 +202,28 @@ fn all_events() -> Vec<Event> {
             client_msg_id: None,
         },
     ]
+    .into_iter()
+    .chain(
+        [
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::Invalid,
+            ErrorCode::TooLarge,
+            ErrorCode::Internal,
+        ]
+        .map(|code| Event::Error {
+            code,
+            message: code.to_string(),
+            client_msg_id: Some(String::new()),
+        }),
+    )
+    .collect()
 }
 
 #[test]
 fn every_command_round_trips_through_both_codecs() {
-    for codec in [Codec::Json, Codec::Proto] {
+    for codec in CODECS {
         for cmd in all_commands() {
             let bytes = codec.encode_command(&cmd);
             assert_eq!(codec.decode(&bytes).unwrap(), cmd, "{codec:?}");
@@ -173,7 +233,7 @@ fn every_command_round_trips_through_both_codecs() {
 
 #[test]
 fn every_event_round_trips_through_both_codecs() {
-    for codec in [Codec::Json, Codec::Proto] {
+    for codec in CODECS {
         for event in all_events() {
             let bytes = codec.encode(&event);
             assert_eq!(codec.decode_event(&bytes).unwrap(), event, "{codec:?}");
@@ -189,129 +249,636 @@ fn the_json_codec_is_the_serde_shape() {
             serde_json::to_vec(&event).unwrap()
         );
     }
+    for cmd in all_commands() {
+        assert_eq!(
+            Codec::Json.encode_command(&cmd),
+            serde_json::to_vec(&cmd).unwrap()
+        );
+        // And decoding is serde's too.
+        let text = serde_json::to_string(&cmd).unwrap();
+        assert_eq!(
+            Codec::Json.decode(text.as_bytes()).unwrap(),
+            serde_json::from_str::<Command>(&text).unwrap()
+        );
+    }
+}
+
+#[test]
+fn the_json_codec_speaks_the_documented_wire_format() {
+    // Ids as strings or numbers, unknown fields ignored, optional fields defaulted.
+    let cmd = Codec::Json
+        .decode(
+            br#" {"type":"message","conversation_id":"18446744073709551615","client_msg_id":"m1",
+                 "content":"hi","future_field":{"nested":[1,2,3]}} "#,
+        )
+        .unwrap();
+    assert_eq!(
+        cmd,
+        Command::Message(SendMessage {
+            conversation_id: ConversationId::from_raw(u64::MAX),
+            client_msg_id: "m1".into(),
+            content: "hi".into(),
+            kind: MessageKind::Text,
+            media: None,
+            reply_to: None,
+        })
+    );
+    let cmd = Codec::Json
+        .decode(br#"{"conversation_id":7,"seq":3,"type":"read"}"#)
+        .unwrap();
+    assert_eq!(
+        cmd,
+        Command::Read {
+            conversation_id: ConversationId::from_raw(7),
+            seq: 3
+        }
+    );
+    let text = Codec::Json.encode(&Event::Presence {
+        user_id: UserId::from("bob"),
+        status: PresenceStatus::Offline,
+        last_seen: None,
+    });
+    assert_eq!(
+        &text[..],
+        br#"{"type":"presence","user_id":"bob","status":"offline","last_seen":null}"#
+    );
 }
 
 #[test]
 fn a_frame_is_encoded_once_per_codec() {
-    let frame = Frame::new(all_events().remove(1));
-    for codec in [Codec::Json, Codec::Proto] {
+    let frame = Frame::new(Event::Message {
+        message: message(7, true, false),
+    });
+    for codec in CODECS {
         let a = codec.encode_frame(&frame);
         let b = codec.encode_frame(&frame);
         assert_eq!(a.as_ptr(), b.as_ptr(), "{codec:?} encoded twice");
+        assert_eq!(a, codec.encode(frame.event()));
     }
     assert_ne!(
         Codec::Json.encode_frame(&frame),
         Codec::Proto.encode_frame(&frame)
     );
+    // The cache is the frame's slot for the codec: a pre-filled slot is what encode_frame returns.
+    let frame = Frame::new(frame.event().clone());
+    let _ = frame.encoded(Codec::Proto.slot(), |_| {
+        bytes::Bytes::from_static(b"cached")
+    });
+    assert_eq!(&Codec::Proto.encode_frame(&frame)[..], b"cached");
+}
+
+#[test]
+fn codec_names() {
+    for codec in CODECS {
+        assert_eq!(Codec::from_subprotocol(codec.subprotocol()), Some(codec));
+    }
+    assert_eq!(Codec::from_subprotocol("chat.v2.json"), None);
+    assert_eq!(Codec::from_query_value("json"), Some(Codec::Json));
+    assert_eq!(Codec::from_query_value("proto"), Some(Codec::Proto));
+    assert_eq!(Codec::from_query_value("xml"), None);
+    assert!(!Codec::Json.is_binary());
+    assert!(Codec::Proto.is_binary());
+    assert_ne!(Codec::Json.slot(), Codec::Proto.slot());
+    assert!(Codec::Proto.slot() < chat_core::protocol::CODEC_SLOTS);
+    assert_eq!(Codec::default(), Codec::Json);
+}
+
+#[test]
+fn the_unknown_type_error_names_the_type() {
+    let e = Codec::Json
+        .decode(br#"{"type":"dance","x":1}"#)
+        .unwrap_err();
+    assert_eq!(e, DecodeError::UnknownType("dance".into()));
+    assert_eq!(e.to_string(), r#"unknown frame type "dance""#);
+    let err = e.to_error();
+    assert_eq!(err.code(), ErrorCode::Invalid);
+    assert!(err.client_message().contains("dance"));
+    // A server type is unknown to the server...
+    assert_eq!(
+        Codec::Json.decode(br#"{"type":"message_ack"}"#),
+        Err(DecodeError::UnknownType("message_ack".into()))
+    );
+    // ...and a client type to the client.
+    assert_eq!(
+        Codec::Json.decode_event(br#"{"type":"sync"}"#),
+        Err(DecodeError::UnknownType("sync".into()))
+    );
+    // A huge type is not echoed whole.
+    let long = format!(r#"{{"type":"{}"}}"#, "é".repeat(10_000));
+    match Codec::Json.decode(long.as_bytes()) {
+        Err(DecodeError::UnknownType(t)) => assert!(t.len() < 100 && t.ends_with('…')),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
 fn json_errors_say_what_was_wrong() {
-    let e = Codec::Json.decode(br#"{"type":"dance"}"#).unwrap_err();
-    assert!(matches!(&e, DecodeError::UnknownType(t) if t == "dance"));
-    assert!(e.to_string().contains("dance"));
+    let decode = |s: &[u8]| Codec::Json.decode(s).unwrap_err();
+    assert_eq!(decode(br#"{"x":1}"#), DecodeError::MissingType);
+    assert_eq!(decode(br#"{"type":7}"#), DecodeError::MissingType);
+    assert_eq!(decode(br#"{"type":null}"#), DecodeError::MissingType);
+    assert!(matches!(decode(b"{nope"), DecodeError::MalformedJson(_)));
+    assert!(matches!(decode(b""), DecodeError::MalformedJson(_)));
+    assert!(matches!(decode(b"   "), DecodeError::MalformedJson(_)));
     assert!(matches!(
-        Codec::Json.decode(br#"{"x":1}"#),
-        Err(DecodeError::MissingType)
+        decode(br#"{"type":"typing","conversation_id":"1"} trailing"#),
+        DecodeError::MalformedJson(_)
     ));
+    // Serde would take an array for an internally tagged enum; the protocol says object.
     assert!(matches!(
-        Codec::Json.decode(b"{nope"),
+        decode(br#"["typing","1"]"#),
+        DecodeError::MalformedJson(m) if m.contains("object")
+    ));
+    assert!(matches!(decode(b"42"), DecodeError::MalformedJson(_)));
+    assert_eq!(
+        decode(&[b'{', 0xff, 0xfe, b'}']),
+        DecodeError::NotUtf8 { valid_up_to: 1 }
+    );
+    // Missing and mistyped fields of a known type name the type and the field.
+    let e = decode(br#"{"type":"read","conversation_id":"1"}"#);
+    assert!(
+        matches!(&e, DecodeError::InvalidFields { frame, reason } if frame == "read" && reason.contains("seq")),
+        "{e:?}"
+    );
+    let e = decode(br#"{"type":"delivered","conversation_id":"1","seq":-1}"#);
+    assert!(matches!(&e, DecodeError::InvalidFields { frame, .. } if frame == "delivered"));
+    let e = decode(br#"{"type":"message","conversation_id":"x","client_msg_id":"k"}"#);
+    assert!(matches!(&e, DecodeError::InvalidFields { frame, .. } if frame == "message"));
+    let e = decode(br#"{"type":"message","conversation_id":"1","client_msg_id":"k","kind":"gif"}"#);
+    assert!(matches!(&e, DecodeError::InvalidFields { reason, .. } if reason.contains("gif")));
+    // A bad value is not echoed whole.
+    let big = format!(
+        r#"{{"type":"read","conversation_id":"1","seq":"{}"}}"#,
+        "9".repeat(100_000)
+    );
+    assert!(decode(big.as_bytes()).to_string().len() < 400);
+    // Everything maps to `invalid`.
+    for e in [
+        decode(b"{"),
+        decode(br#"{"type":"read"}"#),
+        DecodeError::NotUtf8 { valid_up_to: 0 },
+    ] {
+        assert_eq!(e.to_error().code(), ErrorCode::Invalid);
+    }
+}
+
+#[test]
+fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+    let mut deep = String::from(r#"{"type":"typing","conversation_id":"1","x":"#);
+    deep.push_str(&"[".repeat(100_000));
+    deep.push_str(&"]".repeat(100_000));
+    deep.push('}');
+    assert!(matches!(
+        Codec::Json.decode(deep.as_bytes()),
         Err(DecodeError::MalformedJson(_))
     ));
-    assert!(matches!(
-        Codec::Json.decode(&[0xff, 0xfe]),
-        Err(DecodeError::MalformedJson(_))
-    ));
-    let e = Codec::Json
-        .decode(br#"{"type":"read","conversation_id":"1"}"#)
-        .unwrap_err();
-    assert!(matches!(&e, DecodeError::InvalidFields { frame, .. } if frame == "read"));
-    assert_eq!(e.to_error().code(), ErrorCode::Invalid);
+    assert!(Codec::Json.decode_event(deep.as_bytes()).is_err());
+}
+
+fn client(frame: CF) -> Vec<u8> {
+    pb::ClientFrame { frame: Some(frame) }.encode_to_vec()
+}
+
+fn server(frame: SF) -> Vec<u8> {
+    pb::ServerFrame { frame: Some(frame) }.encode_to_vec()
+}
+
+fn invalid_proto(result: Result<impl std::fmt::Debug, DecodeError>, needle: &str) {
+    match result {
+        Err(DecodeError::InvalidProto(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+        other => panic!("expected InvalidProto({needle}), got {other:?}"),
+    }
 }
 
 #[test]
 fn protobuf_rejects_what_it_cannot_represent() {
-    use prost::Message as _;
-    // An empty ClientFrame (no oneof).
-    assert!(matches!(
-        Codec::Proto.decode(&[]),
-        Err(DecodeError::InvalidProto(_))
-    ));
-    // An out-of-range enum value.
-    let frame = chat_transport::codec::pb::ClientFrame {
-        frame: Some(chat_transport::codec::pb::client_frame::Frame::Message(
-            chat_transport::codec::pb::SendMessage {
-                conversation_id: 1,
-                client_msg_id: "k".into(),
-                content: "x".into(),
-                kind: 99,
-                media: None,
-                reply_to: None,
-            },
-        )),
+    // An empty frame (no oneof case), and one with only a case from the future (field 50).
+    invalid_proto(Codec::Proto.decode(&[]), "no frame");
+    invalid_proto(Codec::Proto.decode(&[0x90, 0x03, 0x01]), "no frame");
+    invalid_proto(Codec::Proto.decode_event(&[]), "no frame");
+    // An out-of-range message kind.
+    let send = pb::SendMessage {
+        conversation_id: 1,
+        client_msg_id: "k".into(),
+        content: "x".into(),
+        kind: 99,
+        media: None,
+        reply_to: None,
     };
-    assert!(matches!(
-        Codec::Proto.decode(&frame.encode_to_vec()),
-        Err(DecodeError::InvalidProto(_))
-    ));
-    // Garbage.
+    invalid_proto(
+        Codec::Proto.decode(&client(CF::Message(send.clone()))),
+        "SendMessage.kind",
+    );
+    // An unset kind is text, as in JSON.
+    let cmd = Codec::Proto
+        .decode(&client(CF::Message(pb::SendMessage { kind: 0, ..send })))
+        .unwrap();
+    assert!(matches!(cmd, Command::Message(m) if m.kind == MessageKind::Text));
+
+    // A message event without its message.
+    for (frame, name) in [
+        (SF::Message(pb::MessageEvent { message: None }), "message"),
+        (
+            SF::MessageEdited(pb::MessageEvent { message: None }),
+            "message_edited",
+        ),
+        (
+            SF::MessageDeleted(pb::MessageEvent { message: None }),
+            "message_deleted",
+        ),
+    ] {
+        invalid_proto(
+            Codec::Proto.decode_event(&server(frame)),
+            &format!("ServerFrame.{name}"),
+        );
+    }
+    // Unspecified or unknown enums where a value is required.
+    let message = pb::ServerFrame::from(&Event::Message {
+        message: message(1, false, false),
+    });
+    let Some(SF::Message(mut m)) = message.frame else {
+        panic!()
+    };
+    if let Some(inner) = m.message.as_mut() {
+        inner.kind = -1;
+    }
+    invalid_proto(
+        Codec::Proto.decode_event(&server(SF::Message(m))),
+        "Message.kind",
+    );
+    for kind in [0, 3, i32::MAX] {
+        let frame = SF::Receipt(pb::Receipt {
+            conversation_id: 1,
+            user_id: "u".into(),
+            kind,
+            seq: 1,
+        });
+        invalid_proto(Codec::Proto.decode_event(&server(frame)), "Receipt.kind");
+    }
+    for status in [0, 3, -5] {
+        let frame = SF::Presence(pb::Presence {
+            user_id: "u".into(),
+            status,
+            last_seen: None,
+        });
+        invalid_proto(Codec::Proto.decode_event(&server(frame)), "Presence.status");
+    }
+    for code in [0, 9, 1000] {
+        let frame = SF::Error(pb::Error {
+            code,
+            message: String::new(),
+            client_msg_id: None,
+        });
+        invalid_proto(Codec::Proto.decode_event(&server(frame)), "Error.code");
+    }
+    // Garbage, truncation and invalid UTF-8 in a string field.
     assert!(matches!(
         Codec::Proto.decode(&[0x0a, 0xff, 0xff, 0xff]),
         Err(DecodeError::MalformedProto(_))
     ));
+    let full = Codec::Proto.encode_command(&all_commands()[1]);
+    assert!(matches!(
+        Codec::Proto.decode(&full[..full.len() - 1]),
+        Err(DecodeError::MalformedProto(_))
+    ));
+    // presence_subscribe { user_ids: [b"\xff"] }
+    let bad_utf8 = [0x42, 0x03, 0x0a, 0x01, 0xff];
+    assert!(matches!(
+        Codec::Proto.decode(&bad_utf8),
+        Err(DecodeError::MalformedProto(_))
+    ));
+    // All of them are `invalid` for the client.
+    assert_eq!(
+        Codec::Proto.decode(&[]).unwrap_err().to_error().code(),
+        ErrorCode::Invalid
+    );
 }
 
-fn arb_command() -> impl Strategy<Value = Command> {
+#[test]
+fn protobuf_ignores_unknown_fields() {
+    let cmd = Command::Typing {
+        conversation_id: ConversationId::from_raw(5),
+    };
+    let mut bytes = Codec::Proto.encode_command(&cmd).to_vec();
+    bytes.extend([0xa0, 0x06, 0x01]); // field 100 varint 1, at the top level
+    assert_eq!(Codec::Proto.decode(&bytes).unwrap(), cmd);
+}
+
+#[test]
+fn protobuf_wire_format_is_the_documented_one() {
+    // Snowflake ids are fixed64 (wire type 1): field 1 of Typing is `09` + 8 bytes little-endian.
+    let bytes = Codec::Proto.encode_command(&Command::Typing {
+        conversation_id: ConversationId::from_raw(0x0102_0304_0506_0708),
+    });
+    assert_eq!(
+        &bytes[..],
+        &[
+            0x12, 0x09, 0x09, 0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01
+        ]
+    );
+    // Conversions are also public, for Rust clients that want the messages themselves.
+    for event in all_events() {
+        let frame = pb::ServerFrame::from(&event);
+        assert_eq!(Event::try_from(frame).unwrap(), event);
+    }
+    for cmd in all_commands() {
+        let frame = pb::ClientFrame::from(&cmd);
+        assert_eq!(Command::try_from(frame).unwrap(), cmd);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests
+// ---------------------------------------------------------------------------------------------
+
+fn arb_conv() -> impl Strategy<Value = ConversationId> {
+    prop_oneof![Just(0), Just(u64::MAX), any::<u64>()].prop_map(ConversationId::from_raw)
+}
+
+fn arb_msg_id() -> impl Strategy<Value = MessageId> {
+    prop_oneof![Just(0), Just(u64::MAX), any::<u64>()].prop_map(MessageId::from_raw)
+}
+
+fn arb_user() -> impl Strategy<Value = UserId> {
+    "\\PC{0,12}".prop_map(UserId::from)
+}
+
+fn arb_text() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "\\PC{0,40}", any::<String>()]
+}
+
+fn arb_kind() -> impl Strategy<Value = MessageKind> {
     prop_oneof![
-        (
-            any::<u64>(),
-            "\\PC{1,20}",
-            "\\PC{0,50}",
-            0u8..3,
-            any::<Option<u64>>()
-        )
-            .prop_map(
-                |(c, k, content, kind, reply)| Command::Message(SendMessage {
-                    conversation_id: ConversationId::from_raw(c),
-                    client_msg_id: k,
-                    content,
-                    kind: [MessageKind::Text, MessageKind::Image, MessageKind::File][kind as usize],
-                    media: None,
-                    reply_to: reply.map(MessageId::from_raw),
-                })
-            ),
-        (any::<u64>(), any::<u64>()).prop_map(|(c, s)| Command::Read {
-            conversation_id: ConversationId::from_raw(c),
-            seq: s
-        }),
-        prop::collection::btree_map(any::<u64>(), any::<u64>(), 0..8).prop_map(|m| {
-            Command::Sync {
-                conversations: m
-                    .into_iter()
-                    .map(|(k, v)| (ConversationId::from_raw(k), v))
-                    .collect(),
-            }
-        }),
-        prop::collection::vec("\\PC{1,10}", 0..5).prop_map(|u| Command::PresenceSubscribe {
-            user_ids: u.into_iter().map(UserId::from).collect()
-        }),
+        Just(MessageKind::Text),
+        Just(MessageKind::Image),
+        Just(MessageKind::File),
+        Just(MessageKind::System),
     ]
 }
 
+fn arb_media() -> impl Strategy<Value = Option<Media>> {
+    proptest::option::of(
+        (
+            arb_text(),
+            arb_text(),
+            any::<u64>(),
+            proptest::option::of(arb_text()),
+        )
+            .prop_map(|(url, mime, size, name)| Media {
+                url,
+                mime,
+                size,
+                name,
+            }),
+    )
+}
+
+fn arb_seq_map() -> impl Strategy<Value = BTreeMap<ConversationId, u64>> {
+    prop::collection::btree_map(arb_conv(), any::<u64>(), 0..6)
+}
+
+fn arb_command() -> BoxedStrategy<Command> {
+    prop_oneof![
+        (
+            arb_conv(),
+            arb_text(),
+            arb_text(),
+            arb_kind(),
+            arb_media(),
+            proptest::option::of(arb_msg_id()),
+        )
+            .prop_map(
+                |(conversation_id, client_msg_id, content, kind, media, reply_to)| {
+                    Command::Message(SendMessage {
+                        conversation_id,
+                        client_msg_id,
+                        content,
+                        kind,
+                        media,
+                        reply_to,
+                    })
+                }
+            ),
+        arb_conv().prop_map(|conversation_id| Command::Typing { conversation_id }),
+        (arb_conv(), any::<u64>()).prop_map(|(conversation_id, seq)| Command::Delivered {
+            conversation_id,
+            seq
+        }),
+        (arb_conv(), any::<u64>()).prop_map(|(conversation_id, seq)| Command::Read {
+            conversation_id,
+            seq
+        }),
+        (arb_conv(), arb_msg_id(), arb_text()).prop_map(
+            |(conversation_id, message_id, content)| Command::Edit {
+                conversation_id,
+                message_id,
+                content
+            }
+        ),
+        (arb_conv(), arb_msg_id()).prop_map(|(conversation_id, message_id)| Command::Delete {
+            conversation_id,
+            message_id
+        }),
+        arb_seq_map().prop_map(|conversations| Command::Sync { conversations }),
+        prop::collection::vec(arb_user(), 0..5)
+            .prop_map(|user_ids| Command::PresenceSubscribe { user_ids }),
+        prop::collection::vec(arb_user(), 0..5)
+            .prop_map(|user_ids| Command::PresenceUnsubscribe { user_ids }),
+    ]
+    .boxed()
+}
+
+fn arb_message() -> BoxedStrategy<Message> {
+    (
+        (
+            arb_msg_id(),
+            arb_conv(),
+            any::<u64>(),
+            arb_user(),
+            arb_kind(),
+        ),
+        (arb_text(), arb_media(), proptest::option::of(arb_msg_id())),
+        (
+            arb_text(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<bool>(),
+            any::<u32>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (message_id, conversation_id, seq, sender_id, kind),
+                (content, media, reply_to),
+                (client_msg_id, created_at, edited_at, deleted, version),
+            )| Message {
+                message_id,
+                conversation_id,
+                seq,
+                sender_id,
+                kind,
+                content,
+                media,
+                reply_to,
+                client_msg_id,
+                created_at,
+                edited_at,
+                deleted,
+                version,
+            },
+        )
+        .boxed()
+}
+
+fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
+    prop::sample::select(vec![
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotMember,
+        ErrorCode::NotFound,
+        ErrorCode::Invalid,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+    ])
+}
+
+fn arb_event() -> BoxedStrategy<Event> {
+    prop_oneof![
+        (
+            arb_text(),
+            arb_conv(),
+            arb_msg_id(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(client_msg_id, conversation_id, message_id, seq, timestamp)| {
+                    Event::MessageAck {
+                        client_msg_id,
+                        conversation_id,
+                        message_id,
+                        seq,
+                        timestamp,
+                    }
+                }
+            ),
+        arb_message().prop_map(|message| Event::Message { message }),
+        (arb_conv(), arb_user()).prop_map(|(conversation_id, user_id)| Event::Typing {
+            conversation_id,
+            user_id
+        }),
+        (
+            arb_conv(),
+            arb_user(),
+            prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)],
+            any::<u64>()
+        )
+            .prop_map(|(conversation_id, user_id, kind, seq)| Event::Receipt {
+                conversation_id,
+                user_id,
+                kind,
+                seq
+            }),
+        arb_message().prop_map(|message| Event::MessageEdited { message }),
+        arb_message().prop_map(|message| Event::MessageDeleted { message }),
+        (arb_seq_map(), prop::collection::vec(arb_conv(), 0..4)).prop_map(
+            |(conversations, more)| Event::SyncDone {
+                conversations,
+                more
+            }
+        ),
+        (
+            arb_user(),
+            prop_oneof![Just(PresenceStatus::Online), Just(PresenceStatus::Offline)],
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(user_id, status, last_seen)| Event::Presence {
+                user_id,
+                status,
+                last_seen
+            }),
+        (
+            arb_error_code(),
+            arb_text(),
+            proptest::option::of(arb_text())
+        )
+            .prop_map(|(code, message, client_msg_id)| Event::Error {
+                code,
+                message,
+                client_msg_id
+            }),
+    ]
+    .boxed()
+}
+
+/// A valid encoding of some frame, then damaged: truncated, a byte changed, bytes inserted.
+fn arb_damaged(valid: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (valid, any::<prop::sample::Index>(), any::<u8>(), 0u8..3).prop_map(
+        |(mut bytes, at, byte, how)| {
+            if bytes.is_empty() {
+                return vec![byte];
+            }
+            let i = at.index(bytes.len());
+            match how {
+                0 => bytes.truncate(i),
+                1 => bytes[i] = byte,
+                _ => bytes.insert(i, byte),
+            }
+            bytes
+        },
+    )
+}
+
+fn decode_everything(bytes: &[u8]) {
+    for codec in CODECS {
+        let _ = codec.decode(bytes);
+        let _ = codec.decode_event(bytes);
+    }
+}
+
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
     #[test]
     fn arbitrary_bytes_never_panic_any_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        for codec in [Codec::Json, Codec::Proto] {
-            let _ = codec.decode(&bytes);
-            let _ = codec.decode_event(&bytes);
-        }
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn damaged_frames_never_panic_any_decoder(
+        bytes in arb_damaged(prop_oneof![
+            (arb_command(), prop::sample::select(CODECS.to_vec()))
+                .prop_map(|(c, codec)| codec.encode_command(&c).to_vec()),
+            (arb_event(), prop::sample::select(CODECS.to_vec()))
+                .prop_map(|(e, codec)| codec.encode(&e).to_vec()),
+        ])
+    ) {
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_json_values_never_panic_the_json_decoder(
+        text in r#"\{("(type|conversation_id|seq|content|kind|media|user_ids|conversations|x)":("typing"|"message"|"sync"|"read"|"presence"|-?[0-9]{1,22}|\[\]|\{\}|null|true|"[^"\\]{0,8}"),?){0,6}\}"#
+    ) {
+        let _ = Codec::Json.decode(text.as_bytes());
+        let _ = Codec::Json.decode_event(text.as_bytes());
     }
 
     #[test]
     fn generated_commands_round_trip(cmd in arb_command()) {
-        for codec in [Codec::Json, Codec::Proto] {
+        for codec in CODECS {
             let bytes = codec.encode_command(&cmd);
-            prop_assert_eq!(codec.decode(&bytes).unwrap(), cmd.clone());
+            prop_assert_eq!(&codec.decode(&bytes).unwrap(), &cmd, "{:?}", codec);
         }
+    }
+
+    #[test]
+    fn generated_events_round_trip(event in arb_event()) {
+        for codec in CODECS {
+            let bytes = codec.encode(&event);
+            prop_assert_eq!(&codec.decode_event(&bytes).unwrap(), &event, "{:?}", codec);
+        }
+        prop_assert_eq!(Codec::Json.encode(&event), serde_json::to_vec(&event).unwrap());
     }
 }

@@ -602,6 +602,7 @@ impl Chat {
             return Ok(());
         }
         inner.stats.message_sent();
+        inner.typing.reset(&conn.user, conversation);
         let event = Event::Message { message };
         let envelope_event = inner.router.is_distributed().then(|| event.clone());
         let frame = Arc::new(Frame::new(event));

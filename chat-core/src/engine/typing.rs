@@ -41,6 +41,15 @@ impl TypingThrottle {
         }
     }
 
+    /// Forgets the user's last typing event in a conversation (after they sent a message, the
+    /// next keystroke should show "typing" again at once).
+    pub(crate) fn reset(&self, user: &UserId, conversation: ConversationId) {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(user.clone(), conversation));
+    }
+
     /// Forgets entries older than the window.
     pub(crate) fn prune(&self) {
         let now = Instant::now();

@@ -198,9 +198,9 @@ impl Codec {
     pub fn encode(self, event: &Event) -> Bytes {
         match self {
             Self::Json => to_json(event, event.type_name()),
-            Self::Proto => Bytes::from(prost::Message::encode_to_vec(&pb::ServerFrame::from(
-                event,
-            ))),
+            Self::Proto => {
+                Bytes::from(prost::Message::encode_to_vec(&pb::ServerFrame::from(event)))
+            }
         }
     }
 
