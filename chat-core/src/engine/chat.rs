@@ -922,6 +922,31 @@ impl Chat {
         Ok(limit)
     }
 
+    /// The group `actor` wants to change the members of, and the actor's role in it:
+    /// `NotFound`, `NotMember`, or `Invalid` for a direct conversation (fixed members).
+    async fn group_for_member_change(
+        &self,
+        actor: &UserId,
+        conversation: ConversationId,
+    ) -> Result<(crate::model::Conversation, crate::model::Role)> {
+        let conv = self
+            .inner
+            .store
+            .conversation(conversation)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("conversation {conversation}")))?;
+        let role = conv
+            .member(actor)
+            .ok_or(Error::NotMember(conversation))?
+            .role;
+        if conv.kind != ConversationKind::Group {
+            return Err(Error::invalid(
+                "a direct conversation has fixed members; only groups change",
+            ));
+        }
+        Ok((conv, role))
+    }
+
     /// Adds members to a group: `actor` must be its owner or an admin. Returns who was added.
     pub async fn add_members(
         &self,
@@ -933,18 +958,7 @@ impl Chat {
         for u in users {
             UserId::parse(u.as_str())?;
         }
-        let conv = inner
-            .store
-            .conversation(conversation)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("conversation {conversation}")))?;
-        let role = conv
-            .member(actor)
-            .ok_or(Error::NotMember(conversation))?
-            .role;
-        if conv.kind != ConversationKind::Group {
-            return Err(Error::invalid("members can only be added to a group"));
-        }
+        let (conv, role) = self.group_for_member_change(actor, conversation).await?;
         if !role.can_manage_members() {
             return Err(Error::forbidden("only owners and admins may add members"));
         }
@@ -973,18 +987,7 @@ impl Chat {
         user: &UserId,
     ) -> Result<bool> {
         let inner = &self.inner;
-        let conv = inner
-            .store
-            .conversation(conversation)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("conversation {conversation}")))?;
-        let actor_role = conv
-            .member(actor)
-            .ok_or(Error::NotMember(conversation))?
-            .role;
-        if conv.kind != ConversationKind::Group {
-            return Err(Error::invalid("members can only be removed from a group"));
-        }
+        let (conv, actor_role) = self.group_for_member_change(actor, conversation).await?;
         if actor != user {
             let target = conv.member(user).map(|m| m.role);
             let allowed = actor_role.can_manage_members()
