@@ -156,3 +156,120 @@ impl Router for LocalRouter {
         Ok(())
     }
 }
+
+/// The sending side of an engine's router inbox, for router implementations: delivery never
+/// blocks, and when an envelope had to be dropped (inbox full) or was lost elsewhere (a broker
+/// reconnect), exactly one [`Inbound::Lagged`] notice reaches the engine as soon as the inbox
+/// has room — before any later envelope, so the engine learns of the gap in order.
+#[derive(Debug, Default)]
+pub struct LossyInbox {
+    /// The engine's inbox, set by [`Router::start`].
+    tx: std::sync::Mutex<Option<mpsc::Sender<Inbound>>>,
+    /// Envelopes were lost and the notice is not enqueued yet.
+    lagged: std::sync::atomic::AtomicBool,
+    /// A task waiting for inbox capacity to enqueue the notice exists.
+    notifier: std::sync::atomic::AtomicBool,
+}
+
+impl LossyInbox {
+    /// An inbox not started yet (deliveries are ignored until [`set`](Self::set)).
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Sets (or replaces) the engine's inbox: call from [`Router::start`].
+    pub fn set(&self, tx: mpsc::Sender<Inbound>) {
+        *self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    }
+
+    /// Whether a loss is recorded and its notice not enqueued yet.
+    pub fn is_lagged(&self) -> bool {
+        self.lagged.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Inbound>> {
+        self.tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Non-blocking delivery of one envelope.
+    pub fn deliver(self: &Arc<Self>, envelope: Arc<Envelope>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::sync::mpsc::error::TrySendError;
+        let Some(tx) = self.sender() else {
+            return; // Not started: nobody to deliver to.
+        };
+        if self.lagged.load(SeqCst) {
+            // The notice goes first; without room for it, this envelope is dropped as well.
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    if self
+                        .lagged
+                        .compare_exchange(true, false, SeqCst, SeqCst)
+                        .is_ok()
+                    {
+                        permit.send(Inbound::Lagged);
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        match tx.try_send(Inbound::Envelope(envelope)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.mark_lagged(tx),
+            Err(TrySendError::Closed(_)) => {} // The engine is gone.
+        }
+    }
+
+    /// Envelopes were lost outside the inbox (e.g. a broker reconnect): the notice is
+    /// enqueued as soon as possible.
+    pub fn report_lagged(self: &Arc<Self>) {
+        if let Some(tx) = self.sender() {
+            self.mark_lagged(tx);
+        }
+    }
+
+    /// Records a loss and makes sure the notice is enqueued once there is room.
+    fn mark_lagged(self: &Arc<Self>, tx: mpsc::Sender<Inbound>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.lagged.store(true, SeqCst);
+        if self.notifier.swap(true, SeqCst) {
+            return; // A notifier task is already waiting.
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait on: the next delivery sends the notice first.
+            self.notifier.store(false, SeqCst);
+            return;
+        };
+        let inbox = Arc::clone(self);
+        runtime.spawn(async move {
+            loop {
+                let Ok(permit) = tx.reserve().await else {
+                    break; // Inbox closed: nobody to notify.
+                };
+                // Clear the flag before enqueuing: a loss after this point re-marks (a fresh
+                // notice); one before it is covered by this notice, enqueued after the loss.
+                if inbox
+                    .lagged
+                    .compare_exchange(true, false, SeqCst, SeqCst)
+                    .is_ok()
+                {
+                    permit.send(Inbound::Lagged);
+                } else {
+                    drop(permit); // A delivery enqueued the notice already.
+                }
+                inbox.notifier.store(false, SeqCst);
+                // A loss between the exchange and clearing `notifier` saw a live notifier:
+                // take over its notice.
+                if !inbox.lagged.load(SeqCst) || inbox.notifier.swap(true, SeqCst) {
+                    break;
+                }
+            }
+        });
+    }
+}

@@ -1,13 +1,12 @@
 //! [`RedisRouter`]: moves envelopes between the nodes of a cluster over Redis pub/sub.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use chat_core::router::{Envelope, Inbound, Router, Topic};
+use chat_core::router::{Envelope, Inbound, LossyInbox, Router, Topic};
 use chat_core::{Error, NodeId, Result};
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::conn::{self, Commands};
@@ -59,7 +58,7 @@ pub struct RedisRouter {
     /// This node's pub/sub connection.
     subscriber: Subscriber,
     /// Where received envelopes go.
-    inbox: Arc<InboxSlot>,
+    inbox: Arc<LossyInbox>,
 }
 
 impl RedisRouter {
@@ -79,11 +78,7 @@ impl RedisRouter {
     ) -> Result<Self> {
         let client = conn::client(url)?;
         let commands = Commands::connect(client.clone(), &options, &[]).await?;
-        let inbox = Arc::new(InboxSlot {
-            tx: Mutex::new(None),
-            lagged: AtomicBool::new(false),
-            notifier: AtomicBool::new(false),
-        });
+        let inbox = LossyInbox::new();
         let handler = {
             let inbox = inbox.clone();
             Box::new(move |event: SubEvent<'_>| match event {
@@ -137,7 +132,7 @@ impl fmt::Debug for RedisRouter {
             .field("node", &self.node)
             .field("prefix", &self.prefix)
             .field("subscriber", &self.subscriber)
-            .field("lagged", &self.inbox.lagged.load(Ordering::Relaxed))
+            .field("lagged", &self.inbox.is_lagged())
             .finish_non_exhaustive()
     }
 }
@@ -146,7 +141,7 @@ impl fmt::Debug for RedisRouter {
 impl Router for RedisRouter {
     async fn start(&self, inbox: mpsc::Sender<Inbound>) -> Result<()> {
         // A second start replaces the inbox.
-        *self.inbox.tx.lock().unwrap_or_else(PoisonError::into_inner) = Some(inbox);
+        self.inbox.set(inbox);
         Ok(())
     }
 
@@ -169,92 +164,5 @@ impl Router for RedisRouter {
 
     fn is_distributed(&self) -> bool {
         true
-    }
-}
-
-/// The engine's inbox and the lag bookkeeping (as in `chat_core::memory::MemoryRouterHub`).
-struct InboxSlot {
-    /// Set by `start`.
-    tx: Mutex<Option<mpsc::Sender<Inbound>>>,
-    /// Envelopes were lost and the `Lagged` notice is not enqueued yet.
-    lagged: AtomicBool,
-    /// A task waiting for inbox capacity to enqueue the notice exists.
-    notifier: AtomicBool,
-}
-
-impl InboxSlot {
-    fn sender(&self) -> Option<mpsc::Sender<Inbound>> {
-        self.tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Non-blocking delivery of one envelope (called by the subscriber task, in order).
-    fn deliver(self: &Arc<Self>, envelope: Arc<Envelope>) {
-        let Some(tx) = self.sender() else {
-            return; // Not started: nobody to deliver to.
-        };
-        if self.lagged.load(Ordering::SeqCst) {
-            // The notice goes first; without room for it, this envelope is dropped as well.
-            match tx.try_reserve() {
-                Ok(permit) => {
-                    if self
-                        .lagged
-                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                    {
-                        permit.send(Inbound::Lagged);
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-        match tx.try_send(Inbound::Envelope(envelope)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.mark_lagged(tx),
-            Err(TrySendError::Closed(_)) => {} // The engine is gone.
-        }
-    }
-
-    /// Envelopes were lost outside the inbox (a reconnect): send the notice when possible.
-    fn report_lagged(self: &Arc<Self>) {
-        if let Some(tx) = self.sender() {
-            self.mark_lagged(tx);
-        }
-    }
-
-    /// Records a loss and makes sure the notice is enqueued once there is room.
-    fn mark_lagged(self: &Arc<Self>, tx: mpsc::Sender<Inbound>) {
-        self.lagged.store(true, Ordering::SeqCst);
-        if self.notifier.swap(true, Ordering::SeqCst) {
-            return; // A notifier task is already waiting.
-        }
-        let slot = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let Ok(permit) = tx.reserve().await else {
-                    break; // Inbox closed: nobody to notify.
-                };
-                // Clear the flag before enqueuing: a loss after this point re-marks (a fresh
-                // notice); one before it is covered by this notice, enqueued after the loss.
-                if slot
-                    .lagged
-                    .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    permit.send(Inbound::Lagged);
-                } else {
-                    drop(permit); // A delivery enqueued the notice already.
-                }
-                slot.notifier.store(false, Ordering::SeqCst);
-                // A loss between the exchange and clearing `notifier` saw a live notifier:
-                // take over its notice.
-                if !slot.lagged.load(Ordering::SeqCst) || slot.notifier.swap(true, Ordering::SeqCst)
-                {
-                    break;
-                }
-            }
-        });
     }
 }

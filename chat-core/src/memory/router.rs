@@ -2,15 +2,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use async_trait::async_trait;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::id::NodeId;
-use crate::router::{Envelope, Inbound, Router, Topic};
+use crate::router::{Envelope, Inbound, LossyInbox, Router, Topic};
 
 /// The shared hub of an in-process cluster: several engines in one process (multi-node tests,
 /// embedded clusters) each get their own [`MemoryRouter`] from one hub. Cheap to clone (a
@@ -85,9 +85,7 @@ impl MemoryRouterHub {
         let slot = Arc::new(NodeSlot {
             key: self.inner.next_key.fetch_add(1, Ordering::Relaxed),
             node,
-            inbox: Mutex::new(None),
-            lagged: AtomicBool::new(false),
-            notifier: AtomicBool::new(false),
+            inbox: LossyInbox::new(),
         });
         MemoryRouter {
             hub: self.inner.clone(),
@@ -137,89 +135,8 @@ struct NodeSlot {
     key: u64,
     /// The node, to skip the publisher's own node.
     node: NodeId,
-    /// The engine's inbox, set by `start`.
-    inbox: Mutex<Option<mpsc::Sender<Inbound>>>,
-    /// Envelopes were dropped and the `Lagged` notice is not enqueued yet.
-    lagged: AtomicBool,
-    /// A task waiting for inbox capacity to deliver the notice exists.
-    notifier: AtomicBool,
-}
-
-impl NodeSlot {
-    fn sender(&self) -> Option<mpsc::Sender<Inbound>> {
-        self.inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Non-blocking delivery of one envelope to this node.
-    fn deliver(self: &Arc<Self>, envelope: &Arc<Envelope>) {
-        let Some(tx) = self.sender() else {
-            return; // Not started: nothing to deliver to.
-        };
-        if self.lagged.load(Ordering::SeqCst) {
-            // The notice goes first; without room for it, this envelope is dropped as well.
-            match tx.try_reserve() {
-                Ok(permit) => {
-                    if self
-                        .lagged
-                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                    {
-                        permit.send(Inbound::Lagged);
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-        match tx.try_send(Inbound::Envelope(envelope.clone())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.mark_lagged(tx),
-            // The engine is gone; the router's drop will unsubscribe it.
-            Err(TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Records a drop and makes sure the notice is delivered once there is room.
-    fn mark_lagged(self: &Arc<Self>, tx: mpsc::Sender<Inbound>) {
-        self.lagged.store(true, Ordering::SeqCst);
-        if self.notifier.swap(true, Ordering::SeqCst) {
-            return; // A notifier task is already waiting.
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to wait on: the next delivery to this node sends the notice first.
-            self.notifier.store(false, Ordering::SeqCst);
-            return;
-        };
-        let slot = Arc::clone(self);
-        runtime.spawn(async move {
-            loop {
-                let Ok(permit) = tx.reserve().await else {
-                    break; // Inbox closed: nobody to notify.
-                };
-                // Clear the flag before enqueuing: an envelope dropped after this point sees
-                // `lagged == false` and re-marks (a fresh notice); one dropped before it is
-                // covered by this notice, which is enqueued after the drop.
-                if slot
-                    .lagged
-                    .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    permit.send(Inbound::Lagged);
-                } else {
-                    drop(permit); // A publisher delivered the notice already.
-                }
-                slot.notifier.store(false, Ordering::SeqCst);
-                // A drop may have happened between the CAS and clearing `notifier`, seeing a
-                // live notifier: take over its notice.
-                if !slot.lagged.load(Ordering::SeqCst) || slot.notifier.swap(true, Ordering::SeqCst)
-                {
-                    break;
-                }
-            }
-        });
-    }
+    /// The engine's inbox with its lag bookkeeping.
+    inbox: Arc<LossyInbox>,
 }
 
 /// One node's router on a [`MemoryRouterHub`]. [`Router::is_distributed`] is `true`.
@@ -251,7 +168,7 @@ impl fmt::Debug for MemoryRouter {
         f.debug_struct("MemoryRouter")
             .field("node", &self.slot.node)
             .field("topics", &self.own_topics().len())
-            .field("lagged", &self.slot.lagged.load(Ordering::Relaxed))
+            .field("lagged", &self.slot.inbox.is_lagged())
             .finish_non_exhaustive()
     }
 }
@@ -282,11 +199,7 @@ fn remove_from(map: &mut HashMap<Topic, Vec<Arc<NodeSlot>>>, topic: &Topic, key:
 impl Router for MemoryRouter {
     async fn start(&self, inbox: mpsc::Sender<Inbound>) -> Result<()> {
         // A second start replaces the inbox (e.g. an engine restarted on the same router).
-        *self
-            .slot
-            .inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(inbox);
+        self.slot.inbox.set(inbox);
         Ok(())
     }
 
@@ -315,7 +228,7 @@ impl Router for MemoryRouter {
         let map = self.hub.read();
         if let Some(nodes) = map.get(&envelope.topic) {
             for node in nodes.iter().filter(|n| n.node != self.slot.node) {
-                node.deliver(&envelope);
+                node.inbox.deliver(envelope.clone());
             }
         }
         Ok(())
