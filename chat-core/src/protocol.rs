@@ -189,6 +189,17 @@ pub enum Event {
         /// Unix milliseconds, `null` for a user never seen.
         last_seen: Option<u64>,
     },
+    /// Someone joined or left a conversation. Sent to the conversation's members and to the
+    /// affected user's own devices (so a client learns it was added to, or removed from, a
+    /// conversation without polling).
+    Membership {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Who joined or left.
+        user_id: UserId,
+        /// `joined` or `left`.
+        change: MembershipChange,
+    },
     /// A command failed; the connection stays open.
     Error {
         /// Machine-readable code.
@@ -213,6 +224,7 @@ impl Event {
             Self::MessageDeleted { .. } => "message_deleted",
             Self::SyncDone { .. } => "sync_done",
             Self::Presence { .. } => "presence",
+            Self::Membership { .. } => "membership",
             Self::Error { .. } => "error",
         }
     }
@@ -225,6 +237,16 @@ impl Event {
             client_msg_id,
         }
     }
+}
+
+/// Joined or left, in a `membership` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipChange {
+    /// Added to (or created with) the conversation.
+    Joined,
+    /// Removed from, or left, the conversation.
+    Left,
 }
 
 /// How many codecs a [`Frame`] can cache an encoding for.

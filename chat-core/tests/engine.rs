@@ -1008,18 +1008,28 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
     let err = h.chat.add_members(&bob_id, conv, &[carol_id.clone()]).await;
     assert!(matches!(err, Err(chat_core::Error::Forbidden(_))));
     let mut carol = h.connect("carol").await;
+    let mut bob = h.connect("bob").await;
     let added = h
         .chat
         .add_members(&owner_id, conv, &[carol_id.clone(), bob_id.clone()])
         .await
         .unwrap();
     assert_eq!(added, vec![carol_id.clone()]);
+    // Carol's devices and the other members learn about it.
+    let joined = Event::Membership {
+        conversation_id: conv,
+        user_id: carol_id.clone(),
+        change: chat_core::protocol::MembershipChange::Joined,
+    };
+    assert_eq!(next(&mut carol).await, joined);
+    assert_eq!(next(&mut bob).await, joined);
     // Carol was online when added: she gets live messages from now on.
     let mut owner = h.connect("owner").await;
     send_ok(&mut owner, conv, "1", "welcome").await;
     assert!(
         matches!(next(&mut carol).await, Event::Message { message } if message.content == "welcome")
     );
+    bob.drain();
 
     // Bob cannot remove carol; the owner can.
     assert!(matches!(
@@ -1032,6 +1042,13 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
             .await
             .unwrap()
     );
+    let left = Event::Membership {
+        conversation_id: conv,
+        user_id: carol_id.clone(),
+        change: chat_core::protocol::MembershipChange::Left,
+    };
+    assert_eq!(next(&mut carol).await, left);
+    assert_eq!(next(&mut bob).await, left);
     send_ok(&mut owner, conv, "2", "carol is gone").await;
     expect_nothing(&mut carol).await;
     let (code, _) = send_err(&mut carol, text(conv, "c", "let me in")).await;
@@ -1224,4 +1241,30 @@ async fn presence_unsubscribe_stops_updates_and_limits_are_enforced() {
         })
         .await;
     assert!(matches!(next(&mut alice).await, Event::SyncDone { .. }));
+}
+
+#[tokio::test]
+async fn members_learn_about_a_new_conversation_without_polling() {
+    let h = Harness::new().await;
+    let mut bob = h.connect("bob").await;
+    let mut carol = h.connect("carol").await;
+    let conv = h.group("alice", &["bob", "carol"]).await;
+    for (client, who) in [(&mut bob, "bob"), (&mut carol, "carol")] {
+        assert_eq!(
+            next(client).await,
+            Event::Membership {
+                conversation_id: conv,
+                user_id: UserId::from(who),
+                change: chat_core::protocol::MembershipChange::Joined,
+            }
+        );
+        // Only their own joining, not every other member's (O(members) per device, not O(n²)).
+        expect_nothing(client).await;
+    }
+    // The same direct conversation again announces nothing new.
+    let d = h.direct("bob", "carol").await;
+    assert!(matches!(next(&mut bob).await, Event::Membership { .. }));
+    assert!(matches!(next(&mut carol).await, Event::Membership { .. }));
+    assert_eq!(h.direct("carol", "bob").await, d);
+    expect_nothing(&mut bob).await;
 }

@@ -191,6 +191,16 @@ fn all_events() -> Vec<Event> {
             status: PresenceStatus::Offline,
             last_seen: None,
         },
+        Event::Membership {
+            conversation_id: ConversationId::from_raw(u64::MAX),
+            user_id: UserId::from("carol"),
+            change: chat_core::protocol::MembershipChange::Joined,
+        },
+        Event::Membership {
+            conversation_id: ConversationId::from_raw(0),
+            user_id: UserId::from("carol"),
+            change: chat_core::protocol::MembershipChange::Left,
+        },
         Event::Error {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),

@@ -22,7 +22,7 @@ use crate::model::{
     NewMessage, Page, Presence, ReceiptKind,
 };
 use crate::presence::DynPresenceTracker;
-use crate::protocol::{Command, Event, Frame, SendMessage};
+use crate::protocol::{Command, Event, Frame, MembershipChange, SendMessage};
 use crate::push::PushNotifier;
 use crate::router::{DynRouter, Envelope, Inbound, LocalRouter, Payload, Topic};
 use crate::store::DynMessageStore;
@@ -409,7 +409,16 @@ impl Chat {
         }
     }
 
-    async fn membership_changed(&self, conversation: ConversationId, user: &UserId, joined: bool) {
+    /// A user joined or left: update this node's registry, tell the other nodes where the user
+    /// is connected (`Payload::Membership` on their user topic), and send a `membership` event
+    /// to the user's devices and, when `announce` is set, to the conversation's members.
+    async fn membership_changed(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+        joined: bool,
+        announce: bool,
+    ) {
         self.apply_membership(conversation, user, joined).await;
         let inner = &self.inner;
         if inner.router.is_distributed() {
@@ -427,6 +436,26 @@ impl Chat {
                 warn!(error = %err, "router publish (membership) failed");
             }
         }
+        let event = Event::Membership {
+            conversation_id: conversation,
+            user_id: user.clone(),
+            change: if joined {
+                MembershipChange::Joined
+            } else {
+                MembershipChange::Left
+            },
+        };
+        if announce {
+            self.broadcast(
+                Topic::Conversation(conversation),
+                event.clone(),
+                Some(user.clone()),
+                None,
+            )
+            .await;
+        }
+        self.broadcast(Topic::User(user.clone()), event, None, None)
+            .await;
     }
 
     async fn apply_membership(&self, conversation: ConversationId, user: &UserId, joined: bool) {
@@ -846,8 +875,10 @@ impl Chat {
             })
             .await?;
         if conversation.id == id {
+            // Each member's devices learn about the new conversation; the members are not
+            // told about each other (that would be O(members²) frames for a big group).
             for m in &conversation.members {
-                self.membership_changed(id, &m.user_id, true).await;
+                self.membership_changed(id, &m.user_id, true, false).await;
             }
         }
         self.conversation_view(creator, conversation.id).await
@@ -973,7 +1004,7 @@ impl Chat {
             .add_members(conversation, users, now_ms())
             .await?;
         for u in &added {
-            self.membership_changed(conversation, u, true).await;
+            self.membership_changed(conversation, u, true, true).await;
         }
         Ok(added)
     }
@@ -999,7 +1030,8 @@ impl Chat {
         }
         let removed = inner.store.remove_member(conversation, user).await?;
         if removed {
-            self.membership_changed(conversation, user, false).await;
+            self.membership_changed(conversation, user, false, true)
+                .await;
         }
         Ok(removed)
     }

@@ -248,7 +248,9 @@ impl RedisStore {
         &self.keys.prefix
     }
 
-    /// Runs one operation against Redis within the operation timeout.
+    /// Runs one read against Redis within the operation timeout (not retried: a read that
+    /// fails on a connection dropped by a Redis restart returns `Unavailable`, and the next
+    /// one runs on the reconnected connection).
     async fn exec<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
@@ -261,18 +263,39 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script with `keys` and `args` (the prefix is prepended to `args` as `ARGV[1]`).
+    /// Runs a script with `keys` and `args` (the prefix is prepended to `args` as `ARGV[1]`),
+    /// within the operation timeout.
+    ///
+    /// The first call after Redis restarted fails on the dead connection (the connection
+    /// manager only reconnects then), so a connection-level failure is retried once on the
+    /// fresh connection. Every script is safe to repeat: appends are idempotent, markers only
+    /// move forward, member changes are set operations, and a repeated create of the same id
+    /// reports `Conflict` rather than creating twice.
     async fn script(&self, script: &redis::Script, keys: &[&str], args: &[&str]) -> Result<Value> {
-        let mut invocation = script.prepare_invoke();
-        for k in keys {
-            invocation.key(*k);
+        let run = |mut conn: ConnectionManager| {
+            let mut invocation = script.prepare_invoke();
+            for k in keys {
+                invocation.key(*k);
+            }
+            invocation.arg(&*self.keys.prefix);
+            for a in args {
+                invocation.arg(*a);
+            }
+            async move { invocation.invoke_async(&mut conn).await }
+        };
+        let attempts = async {
+            match run(self.conn.clone()).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    run(self.conn.clone()).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.operation_timeout, attempts).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(timed_out(self.operation_timeout)),
         }
-        invocation.arg(&*self.keys.prefix);
-        for a in args {
-            invocation.arg(*a);
-        }
-        self.exec(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await
     }
 
     /// The stored JSON and seq of a message; `NotFound` for an unknown conversation.

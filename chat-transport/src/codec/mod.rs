@@ -137,7 +137,7 @@ const CLIENT_TYPES: [&str; 9] = [
 ];
 
 /// The JSON `type`s of [`Event`]s.
-const SERVER_TYPES: [&str; 9] = [
+const SERVER_TYPES: [&str; 10] = [
     "message_ack",
     "message",
     "typing",
@@ -146,6 +146,7 @@ const SERVER_TYPES: [&str; 9] = [
     "message_deleted",
     "sync_done",
     "presence",
+    "membership",
     "error",
 ];
 
@@ -415,6 +416,11 @@ mod tests {
                 user_id: u,
                 status: PresenceStatus::Online,
                 last_seen: None,
+            },
+            Event::Membership {
+                conversation_id: Default::default(),
+                user_id: "u".into(),
+                change: chat_core::protocol::MembershipChange::Joined,
             },
             Event::Error {
                 code: ErrorCode::Invalid,

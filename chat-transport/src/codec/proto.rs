@@ -8,7 +8,7 @@
 //! here until it has a protobuf encoding.
 
 use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
-use chat_core::protocol::SendMessage;
+use chat_core::protocol::{MembershipChange, SendMessage};
 use chat_core::{Command, ConversationId, ErrorCode, Event, MessageId, UserId};
 
 use super::DecodeError;
@@ -353,6 +353,18 @@ impl From<&Event> for pb::ServerFrame {
                 status: status_to_pb(*status),
                 last_seen: *last_seen,
             }),
+            Event::Membership {
+                conversation_id,
+                user_id,
+                change,
+            } => SF::Membership(pb::Membership {
+                conversation_id: conversation_id.get(),
+                user_id: user_id.to_string(),
+                change: match change {
+                    MembershipChange::Joined => pb::MembershipChange::Joined,
+                    MembershipChange::Left => pb::MembershipChange::Left,
+                } as i32,
+            }),
             Event::Error {
                 code,
                 message,
@@ -416,6 +428,20 @@ impl TryFrom<pb::ServerFrame> for Event {
                 user_id: UserId::from(p.user_id),
                 status: status_from_pb(p.status)?,
                 last_seen: p.last_seen,
+            },
+            SF::Membership(m) => Event::Membership {
+                conversation_id: ConversationId::from_raw(m.conversation_id),
+                user_id: UserId::from(m.user_id),
+                change: match pb::MembershipChange::try_from(m.change) {
+                    Ok(pb::MembershipChange::Joined) => MembershipChange::Joined,
+                    Ok(pb::MembershipChange::Left) => MembershipChange::Left,
+                    _ => {
+                        return Err(invalid(format!(
+                            "Membership.change: invalid MembershipChange value {}",
+                            m.change
+                        )));
+                    }
+                },
             },
             SF::Error(e) => Event::Error {
                 code: code_from_pb(e.code)?,
