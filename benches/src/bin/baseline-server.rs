@@ -128,6 +128,8 @@ fn group_of(req: &Request) -> String {
         .to_owned()
 }
 
+// tungstenite's callback signature returns its (large) `ErrorResponse` as the error.
+#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, id: u64, groups: &Groups) {
     let config = WebSocketConfig::default()
         .read_buffer_size(IO_BUFFER_BYTES)
