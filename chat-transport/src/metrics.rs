@@ -13,11 +13,11 @@ use prometheus_client::registry::Registry;
 
 /// Label of frames by direction and codec.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct FrameLabels {
+pub struct FrameLabels {
     /// `in` or `out`.
-    pub(crate) direction: &'static str,
+    pub direction: &'static str,
     /// `json` or `proto`.
-    pub(crate) codec: &'static str,
+    pub codec: &'static str,
 }
 
 /// Label of HTTP responses.
@@ -106,12 +106,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-
-    pub(crate) fn frame(&self, direction: &'static str, codec: &'static str, n: u64) {
-        self.frames
-            .get_or_create(&FrameLabels { direction, codec })
-            .inc_by(n);
     }
 }
 

@@ -151,6 +151,13 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let codec = params.codec;
+    let frames_in = metrics
+        .frames
+        .get_or_create(&crate::metrics::FrameLabels {
+            direction: "in",
+            codec: codec_name(codec),
+        })
+        .clone();
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
@@ -189,7 +196,7 @@ where
                 }
             }
         };
-        metrics.frame("in", codec_name(codec), 1);
+        frames_in.inc();
         match codec.decode(&payload) {
             Ok(command) => session.handle(command).await,
             Err(err) => {
@@ -228,6 +235,21 @@ where
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let reap_after = params.ping_interval * params.missed_pongs.max(1);
+    // Long-lived futures and handles, made once per connection rather than once per batch
+    // (this loop runs for every fan-out frame: its bookkeeping is on the hot path).
+    let closed = session.closed();
+    tokio::pin!(closed);
+    let cancelled = done.cancelled();
+    tokio::pin!(cancelled);
+    let deadline = tokio::time::sleep(params.write_timeout);
+    tokio::pin!(deadline);
+    let frames_out = metrics
+        .frames
+        .get_or_create(&crate::metrics::FrameLabels {
+            direction: "out",
+            codec: codec_name(codec),
+        })
+        .clone();
     let ended = loop {
         tokio::select! {
             biased;
@@ -237,7 +259,7 @@ where
                 }
                 break Ended::Client;
             }
-            _ = session.closed() => {
+            _ = &mut closed => {
                 let reason = session.close_reason().unwrap_or(CloseReason::Shutdown);
                 let (code, text) = match reason {
                     CloseReason::SlowConsumer => {
@@ -258,7 +280,7 @@ where
                 let _ = tokio::time::timeout(params.write_timeout, close(&mut sink, code, text)).await;
                 break Ended::Engine(reason);
             }
-            _ = done.cancelled() => break Ended::Client,
+            _ = &mut cancelled => break Ended::Client,
             _ = ping.tick() => {
                 if last_seen.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
@@ -274,26 +296,34 @@ where
                 if n == 0 {
                     break Ended::Client;
                 }
+                // One latency sample per batch (the first live message), not one per frame.
+                if let Some(frame) = batch.iter().find(|f| matches!(f.event(), Event::Message { .. })) {
+                    metrics.fanout_latency.observe(frame.age().as_secs_f64());
+                }
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + params.write_timeout);
                 let write = async {
                     for frame in batch.drain(..) {
-                        if matches!(frame.event(), Event::Message { .. }) {
-                            metrics.fanout_latency.observe(frame.age().as_secs_f64());
-                        }
                         if let Some(m) = to_message(codec, &frame) {
                             sink.feed(m).await?;
                         }
                     }
                     sink.flush().await
                 };
-                let result = tokio::select! {
-                    r = tokio::time::timeout(params.write_timeout, write) => r,
-                    _ = session.closed() => Ok(Ok(())),
+                // A write stuck on a full socket must not outlive the engine's close request
+                // (slow consumer) or the write timeout.
+                let written = tokio::select! {
+                    biased;
+                    r = write => r.is_ok(),
+                    _ = &mut closed => true,
+                    _ = &mut deadline => false,
                 };
                 batch.clear();
-                match result {
-                    Ok(Ok(())) => metrics.frame("out", codec_name(codec), n as u64),
-                    Ok(Err(_)) | Err(_) => break Ended::Client,
+                if !written {
+                    break Ended::Client;
                 }
+                frames_out.inc_by(n as u64);
             }
         }
     };

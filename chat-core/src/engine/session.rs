@@ -76,9 +76,10 @@ impl Session {
     }
 
     /// Resolves when the engine wants this connection closed (slow consumer, shutdown, resync);
-    /// see [`Session::close_reason`].
-    pub async fn closed(&self) {
-        self.conn.close.cancelled().await;
+    /// see [`Session::close_reason`]. The future may be kept (pinned) across a loop and polled
+    /// again after it resolved: it stays ready.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.conn.close.cancelled()
     }
 
     /// Why the engine closed the connection, if it did.
@@ -131,6 +132,9 @@ impl Outbound {
     /// The next frame; `None` once the session is gone and both queues are drained.
     pub async fn recv(&mut self) -> Option<Arc<Frame>> {
         tokio::select! {
+            // Replies first: they are bounded by this connection's own commands, so they cannot
+            // starve fan-out for long (and `biased` skips a random draw per frame).
+            biased;
             Some(f) = self.replies.recv() => Some(f),
             Some(f) = self.live.recv() => Some(f),
             else => None,

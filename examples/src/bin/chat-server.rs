@@ -127,9 +127,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = GatewayConfig::for_chat(&chat);
     config.index_html = Some(INDEX_HTML);
     let gateway = Gateway::with_config(chat.clone(), auth, config);
-    let listener = tokio::net::TcpListener::bind(args.bind)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let listener = listen(args.bind).with_context(|| format!("cannot listen on {}", args.bind))?;
     info!(addr = %listener.local_addr()?, node = %node_id, backends, "chat-server ready");
 
     let stopper = chat.clone();
@@ -141,6 +139,19 @@ async fn main() -> anyhow::Result<()> {
     gateway.serve(listener).await?;
     info!("bye");
     Ok(())
+}
+
+/// Binds with a deep accept backlog: after a node restart every client reconnects at once, and
+/// the default of 128 pending connections overflows (SYN retries add a second per client).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {
