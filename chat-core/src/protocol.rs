@@ -263,6 +263,9 @@ pub struct Frame {
     event: Event,
     /// One lazily filled encoding per codec slot.
     encoded: [OnceLock<Bytes>; CODEC_SLOTS],
+    /// One lazily filled transport-specific value per codec slot (e.g. a ready-to-send
+    /// WebSocket message), shared by every recipient like the encoding.
+    prepared: [OnceLock<Box<dyn std::any::Any + Send + Sync>>; CODEC_SLOTS],
     /// When the frame was made (for fan-out latency metrics).
     created: std::time::Instant,
 }
@@ -273,6 +276,7 @@ impl Frame {
         Self {
             event,
             encoded: Default::default(),
+            prepared: Default::default(),
             created: std::time::Instant::now(),
         }
     }
@@ -295,6 +299,26 @@ impl Frame {
         self.encoded[slot]
             .get_or_init(|| encode(&self.event))
             .clone()
+    }
+}
+
+impl Frame {
+    /// A transport-specific value for codec `slot`, made by `prepare` at most once and cloned
+    /// for every later caller (a transport caches its ready-to-send message here, so per
+    /// recipient it pays a clone, typically a reference-count increment). `None` if the slot
+    /// already holds a value of another type (two transports disagreeing on a slot).
+    ///
+    /// # Panics
+    /// If `slot >= CODEC_SLOTS`.
+    pub fn prepared<T: Clone + Send + Sync + 'static>(
+        &self,
+        slot: usize,
+        prepare: impl FnOnce(&Event) -> T,
+    ) -> Option<T> {
+        self.prepared[slot]
+            .get_or_init(|| Box::new(prepare(&self.event)))
+            .downcast_ref::<T>()
+            .cloned()
     }
 }
 

@@ -230,3 +230,22 @@ proptest! {
         let _ = serde_json::from_value::<Command>(serde_json::Value::Object(obj));
     }
 }
+
+#[test]
+fn frames_cache_one_prepared_value_per_slot() {
+    let frame = chat_core::Frame::new(Event::Message { message: message() });
+    let mut calls = 0;
+    let a: Option<std::sync::Arc<str>> = frame.prepared(1, |_| {
+        calls += 1;
+        std::sync::Arc::from("ready")
+    });
+    let b: Option<std::sync::Arc<str>> = frame.prepared(1, |_| unreachable!("prepared twice"));
+    assert_eq!(calls, 1);
+    assert!(std::sync::Arc::ptr_eq(
+        a.as_ref().unwrap(),
+        b.as_ref().unwrap()
+    ));
+    // Another type in the same slot is refused, not confused.
+    assert_eq!(frame.prepared::<u32>(1, |_| 7), None);
+    assert_eq!(frame.prepared::<u32>(2, |_| 7), Some(7));
+}

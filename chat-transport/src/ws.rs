@@ -206,13 +206,19 @@ where
     }
 }
 
+/// The WebSocket message for a frame, built once per codec and shared by every recipient
+/// (the per-recipient cost is a reference-count increment: no encoding, no UTF-8 check).
 fn to_message(codec: Codec, frame: &chat_core::Frame) -> Option<Message> {
-    let bytes = codec.encode_frame(frame);
-    if codec.is_binary() {
-        Some(Message::Binary(bytes))
-    } else {
-        Utf8Bytes::try_from(bytes).ok().map(Message::Text)
-    }
+    frame
+        .prepared(codec.slot(), |_| {
+            let bytes = codec.encode_frame(frame);
+            if codec.is_binary() {
+                Some(Message::Binary(bytes))
+            } else {
+                Utf8Bytes::try_from(bytes).ok().map(Message::Text)
+            }
+        })
+        .flatten()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -239,8 +245,6 @@ where
     // (this loop runs for every fan-out frame: its bookkeeping is on the hot path).
     let closed = session.closed();
     tokio::pin!(closed);
-    let cancelled = done.cancelled();
-    tokio::pin!(cancelled);
     let deadline = tokio::time::sleep(params.write_timeout);
     tokio::pin!(deadline);
     let frames_out = metrics
@@ -280,7 +284,6 @@ where
                 let _ = tokio::time::timeout(params.write_timeout, close(&mut sink, code, text)).await;
                 break Ended::Engine(reason);
             }
-            _ = &mut cancelled => break Ended::Client,
             _ = ping.tick() => {
                 if last_seen.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
