@@ -3,16 +3,19 @@
 # module proxy with `go install`, into target/peers/bin/centrifugo. Nothing of it is vendored.
 #
 #   benches/peers/install-centrifugo.sh            # the pinned version below
-#   CENTRIFUGO_VERSION=v6.9.1 benches/peers/install-centrifugo.sh
+#   PEER_CENTRIFUGO_VERSION=v6.9.1 benches/peers/install-centrifugo.sh
 #
-# Needs Go >= 1.24 (the module's go directive); the module cache is Go's usual one
-# ($(go env GOMODCACHE)). Prints the binary's path on stdout. Idempotent: a binary of the
+# Needs Go >= 1.26 (v6.9.1's go directive; with GOTOOLCHAIN=local an older Go stops with
+# "go.mod requires go >= 1.26" instead of fetching a toolchain). The module proxy reachable
+# here lists only v6.9.1 of .../centrifugo/v6 and refuses .../centrifugo/v5 (403). The module
+# cache is Go's usual one ($(go env GOMODCACHE)); a first install downloads ~150 modules and
+# takes ~4 min on 2 cores. Prints the binary's path on stdout. Idempotent: a binary of the
 # wanted version already there is kept.
 set -euo pipefail
 
-VERSION="${CENTRIFUGO_VERSION:-v6.9.1}"
+VERSION="${PEER_CENTRIFUGO_VERSION:-v6.9.1}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-BIN_DIR="${CENTRIFUGO_BIN_DIR:-$ROOT/target/peers/bin}"
+BIN_DIR="${PEER_CENTRIFUGO_BIN_DIR:-$ROOT/target/peers/bin}"
 BIN="$BIN_DIR/centrifugo"
 STAMP="$BIN_DIR/centrifugo.version"
 

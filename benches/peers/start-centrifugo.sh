@@ -8,15 +8,15 @@
 #   benches/peers/start-centrifugo.sh --bind 127.0.0.1:8000     # or PEER_BIND=...
 #
 # Clients: ws://ADDR/connection/websocket, JSON protocol v2; channels `chat:<group>`.
-# The binary: $CENTRIFUGO_BIN, else target/peers/bin/centrifugo, installed by
+# The binary: $PEER_CENTRIFUGO_BIN, else target/peers/bin/centrifugo, installed by
 # install-centrifugo.sh on first use. It is exec'd, so this script's pid is Centrifugo's
 # (chat-load samples its RSS and CPU from /proc/<pid>). Extra arguments go to Centrifugo.
 set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$DIR/../.." && pwd)"
-BIN="${CENTRIFUGO_BIN:-$ROOT/target/peers/bin/centrifugo}"
-CONFIG="${CENTRIFUGO_CONFIG:-$DIR/centrifugo.json}"
+BIN="${PEER_CENTRIFUGO_BIN:-$ROOT/target/peers/bin/centrifugo}"
+CONFIG="${PEER_CENTRIFUGO_CONFIG:-$DIR/centrifugo.json}"
 BIND="${PEER_BIND:-127.0.0.1:8000}"
 
 extra=()

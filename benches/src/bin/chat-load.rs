@@ -59,6 +59,8 @@
 
 #[path = "chat-load/client.rs"]
 mod client;
+#[path = "chat-load/peers.rs"]
+mod peers;
 #[path = "chat-load/server.rs"]
 mod server;
 #[path = "chat-load/sys.rs"]
@@ -94,6 +96,14 @@ enum Scenario {
     BaselineIdle,
     /// `group` against baseline-server.
     BaselineGroup,
+    /// `idle` against Centrifugo (benches/peers/install-centrifugo.sh first).
+    PeerCentrifugoIdle,
+    /// `group` against Centrifugo.
+    PeerCentrifugoGroup,
+    /// `idle` against peer-socketioxide.
+    PeerSocketioxideIdle,
+    /// `group` against peer-socketioxide.
+    PeerSocketioxideGroup,
 }
 
 impl Scenario {
@@ -105,13 +115,34 @@ impl Scenario {
             Scenario::Cluster => "cluster",
             Scenario::BaselineIdle => "baseline-idle",
             Scenario::BaselineGroup => "baseline-group",
+            Scenario::PeerCentrifugoIdle => "peer-centrifugo-idle",
+            Scenario::PeerCentrifugoGroup => "peer-centrifugo-group",
+            Scenario::PeerSocketioxideIdle => "peer-socketioxide-idle",
+            Scenario::PeerSocketioxideGroup => "peer-socketioxide-group",
         }
     }
     fn is_baseline(self) -> bool {
         matches!(self, Scenario::BaselineIdle | Scenario::BaselineGroup)
     }
     fn is_idle(self) -> bool {
-        matches!(self, Scenario::Idle | Scenario::BaselineIdle)
+        matches!(
+            self,
+            Scenario::Idle
+                | Scenario::BaselineIdle
+                | Scenario::PeerCentrifugoIdle
+                | Scenario::PeerSocketioxideIdle
+        )
+    }
+    fn peer(self) -> Option<peers::Peer> {
+        match self {
+            Scenario::PeerCentrifugoIdle | Scenario::PeerCentrifugoGroup => {
+                Some(peers::Peer::Centrifugo)
+            }
+            Scenario::PeerSocketioxideIdle | Scenario::PeerSocketioxideGroup => {
+                Some(peers::Peer::Socketioxide)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -274,7 +305,10 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
         1
     };
     let requested = args.connections.unwrap_or(match scenario {
-        Scenario::Idle | Scenario::BaselineIdle => 2000,
+        Scenario::Idle
+        | Scenario::BaselineIdle
+        | Scenario::PeerCentrifugoIdle
+        | Scenario::PeerSocketioxideIdle => 2000,
         Scenario::Direct => 200,
         _ => args.group_size,
     });
@@ -300,7 +334,12 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
 
     // ---- servers
     let pin = args.pin;
-    let mut servers = if scenario.is_baseline() {
+    let mut servers = if let Some(peer) = scenario.peer() {
+        Servers {
+            nodes: vec![peer.start(pin).await?],
+            redis: None,
+        }
+    } else if scenario.is_baseline() {
         let bin = sibling(&args.baseline_bin, "baseline-server")?;
         eprintln!("chat-load: starting {}", bin.display());
         Servers {
@@ -330,8 +369,15 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
             }
         }
     };
-    let result = drive(args, scenario, connections, &servers).await;
-    let metrics = if scenario.is_baseline() {
+    let result = match scenario.peer() {
+        Some(peer) => {
+            let idle = scenario.is_idle();
+            let node = &servers.nodes[0];
+            peers::drive(args, scenario.name(), peer, idle, connections, node).await
+        }
+        None => drive(args, scenario, connections, &servers).await,
+    };
+    let metrics = if scenario.is_baseline() || scenario.peer().is_some() {
         serde_json::Map::new()
     } else {
         server::interesting_metrics(&servers.nodes).await
@@ -371,6 +417,10 @@ async fn plans(
     let size = args.group_size;
     let mut plans = Vec::with_capacity(connections);
     match scenario {
+        Scenario::PeerCentrifugoIdle
+        | Scenario::PeerCentrifugoGroup
+        | Scenario::PeerSocketioxideIdle
+        | Scenario::PeerSocketioxideGroup => bail!("peer scenarios are planned by peers::drive"),
         Scenario::Idle => {
             for i in 0..connections {
                 plans.push(Plan {

@@ -7,7 +7,10 @@
 //! WebSocket transport (`GET /socket.io/?EIO=4&transport=websocket`), connects to the default
 //! namespace, emits `join` with its group name (acknowledged), then every `message` event it
 //! emits is broadcast to the other members of its room (`socket.to(room).emit(..)`, which
-//! excludes the sender). No store, no auth. The payload is deserialized into a
+//! excludes the sender). No store, no auth. The two event handlers are registered in a
+//! connect middleware rather than in the connect handler (see `main`: socketioxide spawns the
+//! connect handler after acknowledging the connect, so a client that emits at once could lose
+//! its first event). The payload is deserialized into a
 //! `serde_json::Value` and serialized once per broadcast (socketioxide encodes a broadcast
 //! packet once for every recipient).
 //!
@@ -34,6 +37,7 @@
 //! [socketioxide]: https://docs.rs/socketioxide
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -42,6 +46,7 @@ use axum::serve::{Listener, ListenerExt};
 use serde_json::Value;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Data, Extension, SocketRef};
+use socketioxide::handler::ConnectHandler;
 
 /// Per-connection outbound queue, in packets (the engine's default `outbound_queue`).
 const OUTBOUND_QUEUE: usize = 1024;
@@ -56,6 +61,27 @@ struct Group(String);
 
 /// Broadcasts that failed for at least one recipient.
 static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Registers the socket's event handlers (a connect middleware that always admits).
+async fn register_handlers(s: SocketRef) -> Result<(), Infallible> {
+    s.on(
+        "join",
+        async |s: SocketRef, Data(group): Data<String>, ack: AckSender| {
+            s.join(group.clone());
+            s.extensions.insert(Group(group));
+            let _ = ack.send("ok");
+        },
+    );
+    s.on(
+        "message",
+        async |s: SocketRef, Data(msg): Data<Value>, Extension(Group(group)): Extension<Group>| {
+            if s.to(group).emit("message", &msg).await.is_err() {
+                FAILURES.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+    );
+    Ok(())
+}
 
 fn parse_bind() -> SocketAddr {
     let mut bind = std::env::var("PEER_BIND").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
@@ -91,26 +117,11 @@ async fn main() -> std::io::Result<()> {
         .ws_max_frame_size(MAX_FRAME_BYTES)
         .build_layer();
 
-    io.ns("/", async |s: SocketRef| {
-        s.on(
-            "join",
-            async |s: SocketRef, Data(group): Data<String>, ack: AckSender| {
-                s.join(group.clone());
-                s.extensions.insert(Group(group));
-                let _ = ack.send("ok");
-            },
-        );
-        s.on(
-            "message",
-            async |s: SocketRef,
-                   Data(msg): Data<Value>,
-                   Extension(Group(group)): Extension<Group>| {
-                if s.to(group).emit("message", &msg).await.is_err() {
-                    FAILURES.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-        );
-    });
+    // The event handlers are registered in a connect *middleware*: socketioxide awaits
+    // middlewares before it sends the namespace `40` packet, but spawns the connect handler
+    // after it, so handlers registered there race the client's first event (a `join` sent
+    // right after `40` was then lost now and again: no handler yet, no ack).
+    io.ns("/", { async |_: SocketRef| {} }.with(register_handlers));
 
     tokio::spawn(async move {
         let mut reported = 0;

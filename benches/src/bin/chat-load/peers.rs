@@ -25,9 +25,14 @@
 //! `{"type":"error",…}` frame. So the same `read_loop`, `send_loop`, clock, histograms and
 //! counters measure all of them.
 //!
-//! Wiring into `chat-load` (see `drive` for the entry point): scenarios name a [`Peer`] and the
-//! `idle` or `group` workload; the server is [`Peer::start`]ed in place of the baseline and
-//! [`drive`] replaces `crate::drive`.
+//! Wiring into `chat-load`: scenarios name a [`Peer`] and the `idle` or `group` workload; the
+//! server is [`Peer::start`]ed in place of the baseline (it is a [`Proc`] like the others, so
+//! it is sampled, checked and killed the same way) and [`drive`] replaces `crate::drive`.
+//!
+//! Programs: `peer-socketioxide` next to this executable (or `$CHAT_LOAD_SOCKETIOXIDE_BIN`);
+//! `benches/peers/start-centrifugo.sh` of this source tree (or `$CHAT_LOAD_CENTRIFUGO_START`),
+//! which runs `target/peers/bin/centrifugo` (or `$PEER_CENTRIFUGO_BIN`): a missing binary is an
+//! error that says to run `benches/peers/install-centrifugo.sh`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -86,13 +91,13 @@ impl Peer {
                 let start = std::env::var_os("CHAT_LOAD_CENTRIFUGO_START")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| root.join("benches/peers/start-centrifugo.sh"));
-                let bin = std::env::var_os("CENTRIFUGO_BIN")
+                let bin = std::env::var_os("PEER_CENTRIFUGO_BIN")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| root.join("target/peers/bin/centrifugo"));
                 if !bin.exists() {
                     bail!(
                         "{} not found: install it first with benches/peers/install-centrifugo.sh \
-                         (go install from the Go module proxy), or set CENTRIFUGO_BIN",
+                         (go install from the Go module proxy), or set PEER_CENTRIFUGO_BIN",
                         bin.display()
                     );
                 }
