@@ -15,7 +15,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testing` | [`testing`]: the conformance suites every backend must pass |
+//! | `testing` | `chat_core::testing`: the conformance suites every backend must pass |
 //!
 //! ```
 //! use chat_core::{Chat, Command, Event, UserId, model::ConversationKind};

@@ -5,7 +5,7 @@
 //! session of a user ends (or expires) the user turns offline only after the debounce (default
 //! 30 s), so a reconnecting user does not flap. Presence is eventually consistent.
 //!
-//! Contract details every implementation keeps (checked by [`crate::testing::presence`]):
+//! Contract details every implementation keeps (checked by `chat_core::testing::presence`, feature `testing`):
 //! * a heartbeat of an unknown session re-creates it (heals a session that expired while its
 //!   client stayed connected);
 //! * after a TTL expiry the debounce counts from the expiry, and `last_seen` is the session's last

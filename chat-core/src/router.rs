@@ -10,7 +10,7 @@
 //! `sync`. A router that knows it may have dropped envelopes (a full inbox, a lost connection to
 //! its broker) sends [`Inbound::Lagged`] so the engine can make its clients resync.
 //!
-//! Contract details every implementation keeps (checked by [`crate::testing::router`]):
+//! Contract details every implementation keeps (checked by `chat_core::testing::router`, feature `testing`):
 //! * a subscription is effective when `subscribe` returns, and gone when `unsubscribe` returns;
 //! * envelopes published one after another by one router reach a given node in publish order
 //!   (across topics too);

@@ -1,6 +1,6 @@
 //! [`MessageStore`]: durable conversation timelines, conversations, members and read markers.
 //!
-//! Promises every implementation keeps (checked by [`crate::testing::store`]):
+//! Promises every implementation keeps (checked by `chat_core::testing::store`, feature `testing`):
 //! * `append` assigns `seq = last + 1` atomically: per conversation, seqs are 1, 2, 3, … with no
 //!   gap and no duplicate, whatever the number of concurrent appenders and nodes.
 //! * `append` is idempotent on `(conversation, sender, client_msg_id)`: a retry returns the
