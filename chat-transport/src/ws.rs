@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use chat_core::engine::Batch;
 use chat_core::{CloseReason, Event, Outbound, Session};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
@@ -243,8 +244,6 @@ where
     let reap_after = params.ping_interval * params.missed_pongs.max(1);
     // Long-lived futures and handles, made once per connection rather than once per batch
     // (this loop runs for every fan-out frame: its bookkeeping is on the hot path).
-    let closed = session.closed();
-    tokio::pin!(closed);
     let deadline = tokio::time::sleep(params.write_timeout);
     tokio::pin!(deadline);
     let frames_out = metrics
@@ -263,27 +262,6 @@ where
                 }
                 break Ended::Client;
             }
-            _ = &mut closed => {
-                let reason = session.close_reason().unwrap_or(CloseReason::Shutdown);
-                let (code, text) = match reason {
-                    CloseReason::SlowConsumer => {
-                        metrics.slow_consumers.inc();
-                        (CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync")
-                    }
-                    CloseReason::Resync => (CLOSE_RESYNC, "resync required: reconnect and sync"),
-                    _ => {
-                        // Going away: flush what is already queued first.
-                        while let Some(frame) = outbound.try_recv() {
-                            if let Some(m) = to_message(codec, &frame) && sink.feed(m).await.is_err() {
-                                break;
-                            }
-                        }
-                        (1001, "server shutting down")
-                    }
-                };
-                let _ = tokio::time::timeout(params.write_timeout, close(&mut sink, code, text)).await;
-                break Ended::Engine(reason);
-            }
             _ = ping.tick() => {
                 if last_seen.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
@@ -295,10 +273,15 @@ where
                     break Ended::Client;
                 }
             }
-            n = outbound.recv_many(&mut batch, params.write_batch) => {
-                if n == 0 {
-                    break Ended::Client;
-                }
+            // Frames and the engine's close request arrive through one wait.
+            got = outbound.recv_batch(&mut batch, params.write_batch) => {
+                let n = match got {
+                    Batch::Ended => break Ended::Client,
+                    Batch::CloseRequested => {
+                        break engine_close(&mut sink, &mut outbound, &session, params, &metrics).await;
+                    }
+                    Batch::Frames(n) => n,
+                };
                 // One latency sample per batch (the first live message), not one per frame.
                 if let Some(frame) = batch.iter().find(|f| matches!(f.event(), Event::Message { .. })) {
                     metrics.fanout_latency.observe(frame.age().as_secs_f64());
@@ -316,22 +299,63 @@ where
                 };
                 // A write stuck on a full socket must not outlive the engine's close request
                 // (slow consumer) or the write timeout.
-                let written = tokio::select! {
+                let outcome = tokio::select! {
                     biased;
-                    r = write => r.is_ok(),
-                    _ = &mut closed => true,
-                    _ = &mut deadline => false,
+                    r = write => Some(r.is_ok()),
+                    _ = outbound.close_requested() => None,
+                    _ = &mut deadline => Some(false),
                 };
                 batch.clear();
-                if !written {
-                    break Ended::Client;
+                match outcome {
+                    Some(true) => {
+                        frames_out.inc_by(n as u64);
+                    }
+                    Some(false) => break Ended::Client,
+                    None => {
+                        break engine_close(&mut sink, &mut outbound, &session, params, &metrics).await;
+                    }
                 }
-                frames_out.inc_by(n as u64);
             }
         }
     };
     done.cancel();
     ended
+}
+
+/// The engine asked for the connection to be closed: say why with the matching close code
+/// (after flushing what is queued when the server is going away).
+async fn engine_close<W>(
+    sink: &mut W,
+    outbound: &mut Outbound,
+    session: &Session,
+    params: ConnectionParams,
+    metrics: &Metrics,
+) -> Ended
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+{
+    let codec = params.codec;
+    let reason = session.close_reason().unwrap_or(CloseReason::Shutdown);
+    let (code, text) = match reason {
+        CloseReason::SlowConsumer => {
+            metrics.slow_consumers.inc();
+            (CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync")
+        }
+        CloseReason::Resync => (CLOSE_RESYNC, "resync required: reconnect and sync"),
+        _ => {
+            // Going away: flush what is already queued first.
+            while let Some(frame) = outbound.try_recv() {
+                if let Some(m) = to_message(codec, &frame)
+                    && sink.feed(m).await.is_err()
+                {
+                    break;
+                }
+            }
+            (1001, "server shutting down")
+        }
+    };
+    let _ = tokio::time::timeout(params.write_timeout, close(sink, code, text)).await;
+    Ended::Engine(reason)
 }
 
 async fn close<W>(sink: &mut W, code: u16, reason: &'static str) -> Result<(), WsError>

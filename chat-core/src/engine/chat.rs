@@ -262,11 +262,13 @@ impl Chat {
         let inner = &self.inner;
         let (live_tx, live_rx) = mpsc::channel(inner.config.outbound_queue);
         let (reply_tx, reply_rx) = mpsc::channel(inner.config.reply_queue);
+        let (control_tx, control_rx) = mpsc::channel(1);
         let conn = Arc::new(ConnHandle::new(
             inner.ids.connection_id(),
             user.clone(),
             live_tx,
             reply_tx,
+            control_tx,
         ));
         {
             let _guard = self.user_lock(&user).await;
@@ -285,7 +287,7 @@ impl Chat {
         debug!(%user, connection = %conn.id, "connected");
         Ok((
             Session::new(self.clone(), conn),
-            Outbound::new(reply_rx, live_rx),
+            Outbound::new(reply_rx, live_rx, control_rx),
         ))
     }
 

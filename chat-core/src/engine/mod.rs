@@ -19,5 +19,5 @@ mod typing;
 pub use chat::{Chat, ChatBuilder};
 pub use config::ChatConfig;
 pub use registry::CloseReason;
-pub use session::{Outbound, Session};
+pub use session::{Batch, Outbound, Session};
 pub use stats::StatsSnapshot;

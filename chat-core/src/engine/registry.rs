@@ -48,6 +48,9 @@ pub(crate) struct ConnHandle {
     pub(crate) replies: mpsc::Sender<Arc<Frame>>,
     /// Cancelled when the engine wants the transport to close the connection.
     pub(crate) close: CancellationToken,
+    /// The same request as one item on the connection's outbound side (capacity 1), so a
+    /// writer waiting for frames learns of it without polling the token on every batch.
+    control: mpsc::Sender<()>,
     /// Why it was closed (first reason wins).
     reason: OnceLock<CloseReason>,
 }
@@ -58,8 +61,10 @@ impl ConnHandle {
         user: UserId,
         live: mpsc::Sender<Arc<Frame>>,
         replies: mpsc::Sender<Arc<Frame>>,
+        control: mpsc::Sender<()>,
     ) -> Self {
         Self {
+            control,
             id,
             user,
             live,
@@ -82,6 +87,7 @@ impl ConnHandle {
     pub(crate) fn request_close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
         self.close.cancel();
+        let _ = self.control.try_send(());
     }
 
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {

@@ -119,14 +119,65 @@ pub struct Outbound {
     replies: mpsc::Receiver<Arc<Frame>>,
     /// Fan-out from other connections.
     live: mpsc::Receiver<Arc<Frame>>,
+    /// One item when the engine asks for the connection to be closed.
+    control: mpsc::Receiver<()>,
+}
+
+/// What [`Outbound::recv_batch`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// This many frames were appended to the buffer.
+    Frames(usize),
+    /// The engine asks for the connection to be closed (see [`Session::close_reason`]).
+    CloseRequested,
+    /// The session is gone and every frame was drained.
+    Ended,
 }
 
 impl Outbound {
     pub(crate) fn new(
         replies: mpsc::Receiver<Arc<Frame>>,
         live: mpsc::Receiver<Arc<Frame>>,
+        control: mpsc::Receiver<()>,
     ) -> Self {
-        Self { replies, live }
+        Self {
+            replies,
+            live,
+            control,
+        }
+    }
+
+    /// For writers: waits for frames or a close request, whichever comes first (a close request
+    /// wins over queued frames). On frames, takes every ready frame up to `limit` into `buf`.
+    /// One wait covers both, so a writer needs no separate close future per batch.
+    pub async fn recv_batch(&mut self, buf: &mut Vec<Arc<Frame>>, limit: usize) -> Batch {
+        let first = tokio::select! {
+            biased;
+            Some(()) = self.control.recv() => return Batch::CloseRequested,
+            Some(f) = self.replies.recv() => f,
+            Some(f) = self.live.recv() => f,
+            else => return Batch::Ended,
+        };
+        buf.push(first);
+        let mut n = 1;
+        while n < limit.max(1) {
+            match self.try_recv() {
+                Some(f) => {
+                    buf.push(f);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        Batch::Frames(n)
+    }
+
+    /// Resolves when the engine asks for the connection to be closed (cheap to poll: one
+    /// channel). Resolves at most once per request.
+    pub async fn close_requested(&mut self) {
+        if self.control.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The next frame; `None` once the session is gone and both queues are drained.
