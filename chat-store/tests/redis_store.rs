@@ -13,15 +13,10 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chat_core::id::{ConversationId, MessageId, UserId};
-use chat_core::model::{
-    Conversation, ConversationView, Member, Message, MessageChange, NewConversation, NewMessage,
-    Page, ReceiptKind,
-};
-use chat_core::store::{Appended, DynMessageStore, MarkerUpdate, MessageStore};
+use chat_core::Error;
+use chat_core::model::{Message, MessageChange, ReceiptKind};
+use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
-use chat_core::{Error, Result};
 use chat_store::{RedisStore, RedisStoreOptions};
 use chat_testkit::RedisServer;
 
@@ -44,114 +39,17 @@ fn random_prefix() -> String {
     format!("test-{:016x}", random_u64())
 }
 
-/// A fresh store (random prefix) on the shared server, keeping the server alive while in use.
-async fn redis_test_store() -> DynMessageStore {
+/// A fresh store (random prefix) on the shared server, and the server as the guard that keeps
+/// it alive while the case runs.
+async fn redis_test_store() -> (DynMessageStore, Arc<RedisServer>) {
     let server = shared_server().await;
     let store = RedisStore::new(&server.url(), &random_prefix())
         .await
         .expect("connect to the test redis-server");
-    Arc::new(KeepAlive {
-        store,
-        _server: server,
-    })
+    (Arc::new(store), server)
 }
 
-chat_core::store_conformance_tests!(redis_test_store());
-
-/// A `RedisStore` that also holds the shared server it talks to.
-#[derive(Debug)]
-struct KeepAlive {
-    store: RedisStore,
-    _server: Arc<RedisServer>,
-}
-
-#[async_trait]
-impl MessageStore for KeepAlive {
-    async fn append(&self, message: NewMessage) -> Result<Appended> {
-        self.store.append(message).await
-    }
-    async fn message(
-        &self,
-        conversation: ConversationId,
-        id: MessageId,
-    ) -> Result<Option<Message>> {
-        self.store.message(conversation, id).await
-    }
-    async fn change_message(
-        &self,
-        conversation: ConversationId,
-        id: MessageId,
-        by: &UserId,
-        change: MessageChange,
-        now: u64,
-    ) -> Result<Message> {
-        self.store
-            .change_message(conversation, id, by, change, now)
-            .await
-    }
-    async fn history(
-        &self,
-        conversation: ConversationId,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<Message>> {
-        self.store.history(conversation, before, limit).await
-    }
-    async fn messages_after(
-        &self,
-        conversation: ConversationId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Message>> {
-        self.store.messages_after(conversation, after, limit).await
-    }
-    async fn last_seq(&self, conversation: ConversationId) -> Result<u64> {
-        self.store.last_seq(conversation).await
-    }
-    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
-        self.store.create_conversation(new).await
-    }
-    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
-        self.store.conversation(id).await
-    }
-    async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>> {
-        self.store.member(conversation, user).await
-    }
-    async fn add_members(
-        &self,
-        conversation: ConversationId,
-        users: &[UserId],
-        now: u64,
-    ) -> Result<Vec<UserId>> {
-        self.store.add_members(conversation, users, now).await
-    }
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
-        self.store.remove_member(conversation, user).await
-    }
-    async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
-        self.store.conversation_ids(user).await
-    }
-    async fn list_conversations(
-        &self,
-        user: &UserId,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page<ConversationView, u64>> {
-        self.store.list_conversations(user, after, limit).await
-    }
-    async fn set_marker(
-        &self,
-        conversation: ConversationId,
-        user: &UserId,
-        kind: ReceiptKind,
-        seq: u64,
-    ) -> Result<MarkerUpdate> {
-        self.store.set_marker(conversation, user, kind, seq).await
-    }
-    async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
-        self.store.unread(conversation, user).await
-    }
-}
+chat_core::store_conformance_tests!(with_guard, redis_test_store());
 
 // ------------------------------------------------------------------- Redis-specific cases
 
@@ -438,7 +336,7 @@ async fn a_server_that_never_answers_gives_unavailable() {
 /// definition, a scan of the timeline, after a random mix of appends, deletes and markers.
 #[tokio::test]
 async fn unread_matches_a_scan_after_random_operations() {
-    let store = redis_test_store().await;
+    let (store, _server) = redis_test_store().await;
     let fx = Fixture::new();
     let (conv, users) = fx.group(&*store, 4).await;
     let mut sent: Vec<Message> = Vec::new();

@@ -1504,12 +1504,22 @@ pub async fn concurrent_appends_keep_conversation_lists_ordered(store: &DynMessa
 /// # fn main() {}
 /// ```
 ///
+/// A factory whose store needs something kept alive while the case runs (a test server
+/// process, a temporary directory) returns `(store, guard)` and is passed as
+/// `store_conformance_tests!(with_guard, factory())`; the guard is dropped after the case.
+///
 /// Invoke it inside a module to run the suite for several backends in one test crate. The
 /// calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! store_conformance_tests {
+    (with_guard, $factory:expr $(,)?) => {
+        $crate::store_conformance_tests!(@all (guard) ($factory));
+    };
     ($factory:expr $(,)?) => {
-        $crate::store_conformance_tests!(@cases ($factory)
+        $crate::store_conformance_tests!(@all (plain) ($factory));
+    };
+    (@all ($mode:ident) ($factory:expr)) => {
+        $crate::store_conformance_tests!(@cases ($mode) ($factory)
             append_assigns_gap_free_seqs_under_concurrency,
             append_is_idempotent_under_concurrent_retries,
             append_rejects_non_members_and_unknown_conversations,
@@ -1527,11 +1537,21 @@ macro_rules! store_conformance_tests {
             concurrent_appends_keep_conversation_lists_ordered,
         );
     };
-    (@cases ($factory:expr) $($case:ident),* $(,)?) => {
+    (@cases (plain) ($factory:expr) $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let store: $crate::store::DynMessageStore = ($factory).await;
+                $crate::testing::store::$case(&store).await;
+            }
+        )*
+    };
+    (@cases (guard) ($factory:expr) $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                // The guard (e.g. the test server the store talks to) lives until the case ends.
+                let (store, _guard): ($crate::store::DynMessageStore, _) = ($factory).await;
                 $crate::testing::store::$case(&store).await;
             }
         )*
