@@ -657,45 +657,23 @@ async fn drive(
         let load1 = sys::cpu_ticks(self_pid).unwrap_or(0);
         let _ = stop_tx.send(true);
         let closed_early = shared.closed_early.load(Ordering::Relaxed);
-        let per_conn = if connected > 0 {
-            rss_connected.saturating_sub(rss_start) as f64 / connected as f64
-        } else {
-            0.0
-        };
-        let cpu = ticks1.saturating_sub(ticks0) as f64 / tck;
-        obj.extend([
-            ("target_rate".into(), json!(0)),
-            ("sent".into(), json!(0)),
-            ("sent_per_sec".into(), json!(0.0)),
-            ("expected".into(), json!(0)),
-            ("delivered".into(), json!(0)),
-            ("delivered_per_sec".into(), json!(0.0)),
-            ("lost".into(), json!(0)),
-            ("duplicates".into(), json!(0)),
-            ("p50_ms".into(), Value::Null),
-            ("p99_ms".into(), Value::Null),
-            ("p999_ms".into(), Value::Null),
-            ("errors".into(), json!(connect_errors + closed_early)),
-            (
-                "error_detail".into(),
-                json!({"connect": connect_errors, "closed_early": closed_early,
+        obj.extend(idle_fields(
+            IdleHold {
+                rss_start,
+                rss_connected,
+                rss_end,
+                connected,
+                server_ticks: ticks1.saturating_sub(ticks0),
+                load_ticks: load1.saturating_sub(load0),
+                errors: connect_errors + closed_early,
+                error_detail: json!({"connect": connect_errors, "closed_early": closed_early,
                        "first_connect_error": first_connect_error}),
-            ),
-            ("server_rss_start_bytes".into(), json!(rss_start)),
-            ("server_rss_bytes".into(), json!(rss_connected)),
-            ("server_rss_end_bytes".into(), json!(rss_end)),
-            ("rss_per_connection_bytes".into(), json!(per_conn.round())),
-            ("server_cpu_seconds".into(), json!(round3(cpu))),
-            ("delivered_per_server_cpu_second".into(), Value::Null),
-            (
-                "load_cpu_seconds".into(),
-                json!(round3(load1.saturating_sub(load0) as f64 / tck)),
-            ),
-            (
-                "note".into(),
-                json!("idle: rss_per_connection = (RSS 1 s after the last connect - RSS 0.5 s after startup) / connections; server_cpu over the hold"),
-            ),
-        ]);
+                note: "idle: rss_per_connection = (RSS 1 s after the last connect - RSS 0.5 s \
+                       after startup) / connections; server_cpu over the hold"
+                    .into(),
+            },
+            tck,
+        ));
         drop(conns);
         finish_readers(readers).await;
         return Ok(report);
@@ -915,6 +893,57 @@ async fn drive(
 }
 
 /// Waits (bounded) for the reader tasks to see the stop signal.
+/// What an idle hold measured, for [`idle_fields`].
+struct IdleHold {
+    rss_start: u64,
+    rss_connected: u64,
+    rss_end: u64,
+    connected: usize,
+    server_ticks: u64,
+    load_ticks: u64,
+    errors: u64,
+    error_detail: Value,
+    note: String,
+}
+
+/// The report fields of an idle hold: the same for chat-server, the baseline and the peers.
+fn idle_fields(h: IdleHold, tck: f64) -> Vec<(String, Value)> {
+    let per_conn = if h.connected > 0 {
+        h.rss_connected.saturating_sub(h.rss_start) as f64 / h.connected as f64
+    } else {
+        0.0
+    };
+    vec![
+        ("target_rate".into(), json!(0)),
+        ("sent".into(), json!(0)),
+        ("sent_per_sec".into(), json!(0.0)),
+        ("expected".into(), json!(0)),
+        ("delivered".into(), json!(0)),
+        ("delivered_per_sec".into(), json!(0.0)),
+        ("lost".into(), json!(0)),
+        ("duplicates".into(), json!(0)),
+        ("p50_ms".into(), Value::Null),
+        ("p99_ms".into(), Value::Null),
+        ("p999_ms".into(), Value::Null),
+        ("errors".into(), json!(h.errors)),
+        ("error_detail".into(), h.error_detail),
+        ("server_rss_start_bytes".into(), json!(h.rss_start)),
+        ("server_rss_bytes".into(), json!(h.rss_connected)),
+        ("server_rss_end_bytes".into(), json!(h.rss_end)),
+        ("rss_per_connection_bytes".into(), json!(per_conn.round())),
+        (
+            "server_cpu_seconds".into(),
+            json!(round3(h.server_ticks as f64 / tck)),
+        ),
+        ("delivered_per_server_cpu_second".into(), Value::Null),
+        (
+            "load_cpu_seconds".into(),
+            json!(round3(h.load_ticks as f64 / tck)),
+        ),
+        ("note".into(), json!(h.note)),
+    ]
+}
+
 async fn finish_readers(mut readers: JoinSet<()>) {
     let done = tokio::time::timeout(Duration::from_secs(10), async {
         while readers.join_next().await.is_some() {}

@@ -595,55 +595,28 @@ pub async fn drive(
         let _ = stop_tx.send(true);
         let closed_early = shared.closed_early.load(Ordering::Relaxed);
         let error_frames = shared.error_frames.load(Ordering::Relaxed);
-        let per_conn = if connected > 0 {
-            s0.rss.saturating_sub(rss_start) as f64 / connected as f64
-        } else {
-            0.0
-        };
-        let cpu = s1.ticks.saturating_sub(s0.ticks) as f64 / tck;
-        obj.extend([
-            ("target_rate".into(), json!(0)),
-            ("sent".into(), json!(0)),
-            ("sent_per_sec".into(), json!(0.0)),
-            ("expected".into(), json!(0)),
-            ("delivered".into(), json!(0)),
-            ("delivered_per_sec".into(), json!(0.0)),
-            ("lost".into(), json!(0)),
-            ("duplicates".into(), json!(0)),
-            ("p50_ms".into(), Value::Null),
-            ("p99_ms".into(), Value::Null),
-            ("p999_ms".into(), Value::Null),
-            (
-                "errors".into(),
-                json!(connect_errors + closed_early + error_frames),
-            ),
-            (
-                "error_detail".into(),
-                json!({"connect": connect_errors, "closed_early": closed_early,
+        obj.extend(crate::idle_fields(
+            crate::IdleHold {
+                rss_start,
+                rss_connected: s0.rss,
+                rss_end: s1.rss,
+                connected,
+                server_ticks: s1.ticks.saturating_sub(s0.ticks),
+                load_ticks: load1.saturating_sub(load0),
+                errors: connect_errors + closed_early + error_frames,
+                error_detail: json!({"connect": connect_errors, "closed_early": closed_early,
                        "error_frames": error_frames,
                        "first_error_frame": *shared.first_error.lock().unwrap(),
                        "first_connect_error": first_connect_error}),
-            ),
-            ("server_rss_start_bytes".into(), json!(rss_start)),
-            ("server_rss_bytes".into(), json!(s0.rss)),
-            ("server_rss_end_bytes".into(), json!(s1.rss)),
-            ("rss_per_connection_bytes".into(), json!(per_conn.round())),
-            ("server_cpu_seconds".into(), json!(crate::round3(cpu))),
-            ("delivered_per_server_cpu_second".into(), Value::Null),
-            (
-                "load_cpu_seconds".into(),
-                json!(crate::round3(load1.saturating_sub(load0) as f64 / tck)),
-            ),
-            (
-                "note".into(),
-                json!(format!(
+                note: format!(
                     "{}: idle connections joined to groups of --group-size; rss_per_connection = \
                      (RSS 1 s after the last join - RSS 0.5 s after startup) / connections; \
                      server_cpu over the hold",
                     peer.name()
-                )),
-            ),
-        ]);
+                ),
+            },
+            tck,
+        ));
         drop(conns);
         crate::finish_readers(readers).await;
         return Ok(report);
