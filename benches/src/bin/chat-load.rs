@@ -16,6 +16,10 @@
 //!   group; every member's delivery counted and timed.
 //! * `cluster`: `group` over `--nodes` (2–4) chat-server processes on one fresh
 //!   `redis-server`; connection i goes to node i mod nodes.
+//! * `cluster-idle`: `idle` over `--nodes` (2–8) chat-server processes on one fresh
+//!   `redis-server` (node i mod nodes), the connections spread over as many generator
+//!   processes (this executable re-run in a hidden worker mode) as their file limit needs, so
+//!   it goes beyond one process's open files (100k and more); see `chat-load/fleet.rs`.
 //! * `baseline-idle`, `baseline-group`: `idle` and `group` against `baseline-server`.
 //!
 //! The servers are children of this process: on free loopback ports, with
@@ -51,14 +55,20 @@
 //!   from the start of the window to the end of the drain (idle: over the hold).
 //!   `delivered_per_server_cpu_second = delivered / server_cpu_seconds`.
 //! * **limits**: client sockets are bound to 127.0.0.2 … 127.0.0.(1+`--sources`) before
-//!   connecting (each source/destination pair has ~28k ephemeral ports). This process holds
-//!   one descriptor per connection and raises its soft `RLIMIT_NOFILE` to the hard limit
-//!   (with `prlimit`: the workspace forbids `unsafe`); connections beyond the limit minus 300
-//!   are not opened, and `note` says so.
+//!   connecting; binding with port 0 picks the port at bind time, so each source address has
+//!   the ~28k ports of `net.ipv4.ip_local_port_range` for all destinations together (ports in
+//!   TIME_WAIT from a previous run count too). This process holds one descriptor per
+//!   connection and raises its soft `RLIMIT_NOFILE` to the hard limit (with `prlimit`: the
+//!   workspace forbids `unsafe`); connections beyond the limit minus 300 are not opened, and
+//!   `note` says so. `cluster-idle` instead gives every generator worker at most that many,
+//!   and refuses (before starting anything) a run whose share per node exceeds a server's
+//!   limit minus 300, or whose share per source address exceeds the ephemeral port range.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "chat-load/client.rs"]
 mod client;
+#[path = "chat-load/fleet.rs"]
+mod fleet;
 #[path = "chat-load/peers.rs"]
 mod peers;
 #[path = "chat-load/server.rs"]
@@ -66,6 +76,8 @@ mod server;
 #[path = "chat-load/sys.rs"]
 mod sys;
 
+use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -75,7 +87,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -92,6 +104,9 @@ enum Scenario {
     Group,
     /// `group` across `--nodes` chat-server processes on one Redis.
     Cluster,
+    /// `idle` across `--nodes` chat-server processes on one Redis, from several generator
+    /// processes (beyond one process's file limit).
+    ClusterIdle,
     /// `idle` against baseline-server.
     BaselineIdle,
     /// `group` against baseline-server.
@@ -113,6 +128,7 @@ impl Scenario {
             Scenario::Direct => "direct",
             Scenario::Group => "group",
             Scenario::Cluster => "cluster",
+            Scenario::ClusterIdle => "cluster-idle",
             Scenario::BaselineIdle => "baseline-idle",
             Scenario::BaselineGroup => "baseline-group",
             Scenario::PeerCentrifugoIdle => "peer-centrifugo-idle",
@@ -128,10 +144,14 @@ impl Scenario {
         matches!(
             self,
             Scenario::Idle
+                | Scenario::ClusterIdle
                 | Scenario::BaselineIdle
                 | Scenario::PeerCentrifugoIdle
                 | Scenario::PeerSocketioxideIdle
         )
+    }
+    fn is_cluster(self) -> bool {
+        matches!(self, Scenario::Cluster | Scenario::ClusterIdle)
     }
     fn peer(self) -> Option<peers::Peer> {
         match self {
@@ -155,13 +175,15 @@ impl Scenario {
         errors (+ error_detail), p50_ms/p90_ms/p99_ms/p999_ms/max_ms/mean_ms (intended send -> \
         receipt, every recipient), ack_* (chat only), send_lag_* (generator lateness), \
         server_rss_start_bytes, server_rss_bytes, rss_per_connection_bytes, server_cpu_seconds, \
-        delivered_per_server_cpu_second, load_cpu_seconds, redis_*, server_metrics, note"
+        delivered_per_server_cpu_second, load_cpu_seconds, redis_*, server_metrics, note; \
+        cluster-idle adds generator_processes, generator_*, node_connections"
 )]
 struct Args {
     /// Which workload.
     #[arg(long, value_enum)]
     scenario: Scenario,
-    /// Client connections (default: 2000 idle, 200 direct, --group-size for group/cluster).
+    /// Client connections (default: 2000 idle and cluster-idle, 200 direct, --group-size for
+    /// group/cluster).
     #[arg(long)]
     connections: Option<usize>,
     /// Messages per second, total over all senders (open loop).
@@ -176,7 +198,7 @@ struct Args {
     /// Senders per group (default min(10, group size)).
     #[arg(long)]
     senders: Option<usize>,
-    /// chat-server processes in the cluster scenario (2-4).
+    /// chat-server processes in the cluster (2-4) and cluster-idle (2-8) scenarios.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
     /// chat-server binary (default: `chat-server` next to this executable).
@@ -185,7 +207,7 @@ struct Args {
     /// baseline-server binary (default: `baseline-server` next to this executable).
     #[arg(long)]
     baseline_bin: Option<PathBuf>,
-    /// redis-server binary for the cluster scenario.
+    /// redis-server binary for the cluster and cluster-idle scenarios.
     #[arg(long, default_value = "redis-server")]
     redis_bin: PathBuf,
     /// Pin the servers to CPU 0 and this process to CPU 1.
@@ -201,6 +223,12 @@ struct Args {
     /// tokio's default, so no SYN is dropped and retried after 1 s).
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
+    /// Internal (cluster-idle generator worker): the chat-server nodes, comma-separated.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    worker_addrs: Vec<SocketAddr>,
+    /// Internal (cluster-idle generator worker): its global connection indices START..END.
+    #[arg(long, hide = true, value_parser = fleet::parse_range)]
+    worker_range: Option<Range<usize>>,
 }
 
 /// File descriptors kept free per process beyond one per connection (listener, epoll, Redis,
@@ -220,6 +248,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(range) = args.worker_range.clone() {
+        // A cluster-idle generator worker: its JSON lines are for its parent.
+        let code = match runtime.block_on(fleet::worker(&args, range, nofile)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("chat-load worker: {e:#}");
+                fleet::write_line(&json!({"error": format!("{e:#}")}));
+                1
+            }
+        };
+        std::process::exit(code);
+    }
     match runtime.block_on(run(&args, nofile)) {
         Ok(report) => println!("{report}"),
         Err(e) => {
@@ -296,33 +336,40 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
     if args.duration <= 0.0 || args.group_size < 2 {
         bail!("--duration must be > 0 and --group-size >= 2");
     }
-    let nodes_wanted = if scenario == Scenario::Cluster {
-        if !(2..=4).contains(&args.nodes) {
-            bail!("--nodes must be 2..=4");
+    let nodes_wanted = match scenario {
+        Scenario::Cluster if !(2..=4).contains(&args.nodes) => bail!("--nodes must be 2..=4"),
+        Scenario::ClusterIdle if !(2..=fleet::MAX_NODES).contains(&args.nodes) => {
+            bail!("--nodes must be 2..={} for cluster-idle", fleet::MAX_NODES)
         }
-        args.nodes
-    } else {
-        1
+        Scenario::Cluster | Scenario::ClusterIdle => args.nodes,
+        _ => 1,
     };
     let requested = args.connections.unwrap_or(match scenario {
         Scenario::Idle
+        | Scenario::ClusterIdle
         | Scenario::BaselineIdle
         | Scenario::PeerCentrifugoIdle
         | Scenario::PeerSocketioxideIdle => 2000,
         Scenario::Direct => 200,
         _ => args.group_size,
     });
-    // File limits: this process holds every client socket; each server node holds its share.
-    // Children inherit this process's limit.
+    // File limits: this process holds every client socket (cluster-idle: its generator
+    // workers do, each at most `per_process`); each server node holds its share. Children
+    // inherit this process's limit.
     let per_process = nofile.saturating_sub(FD_HEADROOM) as usize;
-    let cap = per_process;
+    let cap = if scenario == Scenario::ClusterIdle {
+        fleet::check_limits(requested, nodes_wanted, nofile, args.sources)?;
+        requested
+    } else {
+        per_process
+    };
     let mut notes = Vec::new();
     let mut connections = requested.min(cap);
     if connections < requested {
         notes.push(format!(
             "capped from {requested} to {connections} connections: open-file limit {nofile} per \
-             process (load generator and each server), {FD_HEADROOM} kept free; run several \
-             chat-load processes, or the cluster scenario, to go further"
+             process (load generator and each server), {FD_HEADROOM} kept free; use the \
+             cluster-idle scenario (several generator and server processes) to go further"
         ));
     }
     if scenario == Scenario::Direct {
@@ -348,7 +395,7 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
         }
     } else {
         let bin = sibling(&args.server_bin, "chat-server")?;
-        if scenario == Scenario::Cluster {
+        if scenario.is_cluster() {
             let redis = Proc::redis(&args.redis_bin, pin).await?;
             let url = format!("redis://{}/", redis.addr);
             eprintln!("chat-load: redis-server on {}", redis.addr);
@@ -370,6 +417,9 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
         }
     };
     let result = match scenario.peer() {
+        None if scenario == Scenario::ClusterIdle => {
+            fleet::drive(args, connections, &servers, nofile).await
+        }
         Some(peer) => {
             let idle = scenario.is_idle();
             let node = &servers.nodes[0];
@@ -421,6 +471,7 @@ async fn plans(
         | Scenario::PeerCentrifugoGroup
         | Scenario::PeerSocketioxideIdle
         | Scenario::PeerSocketioxideGroup => bail!("peer scenarios are planned by peers::drive"),
+        Scenario::ClusterIdle => bail!("cluster-idle is driven by fleet::drive"),
         Scenario::Idle => {
             for i in 0..connections {
                 plans.push(Plan {
@@ -586,46 +637,29 @@ async fn drive(
         plans.len(),
         servers.nodes.len()
     );
-    let connect_started = Instant::now();
-    let limit = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let mut connecting = JoinSet::new();
-    for (i, plan) in plans.iter().enumerate() {
-        let addr = servers.nodes[plan.node].addr;
-        let path = plan.path.clone();
-        let source = client::source_addr(i, args.sources);
-        let limit = limit.clone();
-        connecting.spawn(async move {
-            let _permit = limit.acquire_owned().await;
-            (i, client::connect(addr, &path, source).await)
-        });
-    }
     let mut conns: Vec<Option<Conn>> = (0..plans.len()).map(|_| None).collect();
     let mut readers = JoinSet::new();
-    let mut connect_errors = 0u64;
-    let mut first_connect_error = None;
-    while let Some(r) = connecting.join_next().await {
-        let (i, ws) = r.context("connect task panicked")?;
-        match ws {
-            Ok(ws) => {
-                let shared = shared.clone();
-                let stop = stop_rx.clone();
-                if plans[i].sends.is_some() {
-                    let (sink, stream) = ws.split();
-                    readers.spawn(async move { client::read_loop(stream, i, &shared, stop).await });
-                    conns[i] = Some(Conn::Sender(sink));
-                } else {
-                    readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
-                    conns[i] = Some(Conn::Listener);
-                }
-            }
-            Err(e) => {
-                connect_errors += 1;
-                first_connect_error.get_or_insert(e);
-            }
+    let targets = plans
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| (i, servers.nodes[plan.node].addr, plan.path.clone()));
+    let outcome = client::connect_all(targets, args.sources, args.connect_concurrency, |i, ws| {
+        let shared = shared.clone();
+        let stop = stop_rx.clone();
+        if plans[i].sends.is_some() {
+            let (sink, stream) = ws.split();
+            readers.spawn(async move { client::read_loop(stream, i, &shared, stop).await });
+            conns[i] = Some(Conn::Sender(sink));
+        } else {
+            readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
+            conns[i] = Some(Conn::Listener);
         }
-    }
-    let connected = conns.iter().filter(|c| c.is_some()).count();
-    let connect_secs = connect_started.elapsed().as_secs_f64();
+    })
+    .await?;
+    let connected = outcome.ok;
+    let connect_secs = outcome.seconds;
+    let connect_errors = outcome.failed;
+    let first_connect_error = outcome.first_error;
     eprintln!(
         "chat-load: {connected} connected in {connect_secs:.1} s ({connect_errors} failed{})",
         first_connect_error

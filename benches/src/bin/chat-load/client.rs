@@ -9,14 +9,16 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -180,8 +182,9 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1024 * 1024))
 }
 
-/// The source address of connection `i`: 127.0.0.2, .3, … (`sources` of them), so no
-/// (source, destination) pair runs out of its ~28k ephemeral ports.
+/// The source address of connection `i`: 127.0.0.2, .3, … (`sources` of them). The port is
+/// picked when the socket is bound, before the destination is known, so each source address
+/// has the ephemeral port range (~28k) for all destinations together.
 pub fn source_addr(i: usize, sources: usize) -> Ipv4Addr {
     let n = 2 + (i % sources.max(1)) as u32;
     Ipv4Addr::from(0x7f00_0000 | n)
@@ -201,6 +204,65 @@ pub async fn connect(server: SocketAddr, path: &str, source: Ipv4Addr) -> Result
         backoff *= 2;
     }
     Err(last)
+}
+
+/// What [`connect_all`] did.
+#[derive(Debug)]
+pub struct Connected {
+    /// Connections opened (and handed to `on_open`).
+    pub ok: usize,
+    /// Connections that failed after their retries.
+    pub failed: u64,
+    /// The first failure, for the report.
+    pub first_error: Option<String>,
+    /// Seconds from the first attempt to the last result.
+    pub seconds: f64,
+}
+
+/// Opens every `(i, server, path)` of `targets` from [`source_addr`]`(i, sources)`, with at
+/// most `concurrency` attempts in flight, and hands each open WebSocket to `on_open` as soon as
+/// it is up (so its reader can start answering pings while the rest connect).
+pub async fn connect_all<F>(
+    targets: impl IntoIterator<Item = (usize, SocketAddr, String)>,
+    sources: usize,
+    concurrency: usize,
+    mut on_open: F,
+) -> anyhow::Result<Connected>
+where
+    F: FnMut(usize, Ws),
+{
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut connecting = JoinSet::new();
+    for (i, server, path) in targets {
+        let source = source_addr(i, sources);
+        let limit = limit.clone();
+        connecting.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            (i, connect(server, &path, source).await)
+        });
+    }
+    let mut out = Connected {
+        ok: 0,
+        failed: 0,
+        first_error: None,
+        seconds: 0.0,
+    };
+    while let Some(r) = connecting.join_next().await {
+        let (i, ws) = r.context("connect task panicked")?;
+        match ws {
+            Ok(ws) => {
+                out.ok += 1;
+                on_open(i, ws);
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_error.get_or_insert(e);
+            }
+        }
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
 }
 
 async fn connect_once(server: SocketAddr, path: &str, source: Ipv4Addr) -> Result<Ws, String> {

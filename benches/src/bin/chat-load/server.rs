@@ -306,34 +306,45 @@ impl Http {
     }
 }
 
+/// Every sample of a chat server's `/metrics` (Prometheus text: `name{labels} value`), or
+/// `None` when it cannot be fetched.
+pub async fn scrape(node: &Proc) -> Option<Vec<(String, f64)>> {
+    let mut http = Http::connect(node.addr).await.ok()?;
+    let (200, body) = http.request_raw("GET", "/metrics", None, None).await.ok()? else {
+        return None;
+    };
+    let samples = String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse::<f64>().ok()?))
+        })
+        .collect();
+    Some(samples)
+}
+
+/// One unlabelled sample (`name value`) of a chat server's `/metrics`.
+pub async fn metric(node: &Proc, name: &str) -> Option<f64> {
+    scrape(node)
+        .await?
+        .into_iter()
+        .find_map(|(n, v)| (n == name).then_some(v))
+}
+
 /// Counters of interest from a chat server's `/metrics` (slow consumers, drops, resyncs,
 /// errors, reaped zombies), summed over `nodes`; only the non-zero ones.
 pub async fn interesting_metrics(nodes: &[Proc]) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
     for node in nodes {
-        let Ok(mut http) = Http::connect(node.addr).await else {
-            continue;
-        };
-        let Ok((200, body)) = http.request_raw("GET", "/metrics", None, None).await else {
-            continue;
-        };
-        for line in String::from_utf8_lossy(&body).lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((name, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
+        for (name, v) in scrape(node).await.unwrap_or_default() {
             let interesting = ["slow", "drop", "resync", "error", "zombie", "lag", "gap"]
                 .iter()
                 .any(|w| name.contains(w));
             if !interesting || name.contains("_bucket") {
                 continue;
             }
-            let Ok(v) = value.parse::<f64>() else {
-                continue;
-            };
-            let entry = out.entry(name.to_owned()).or_insert(Value::from(0.0));
+            let entry = out.entry(name).or_insert(Value::from(0.0));
             *entry = Value::from(entry.as_f64().unwrap_or(0.0) + v);
         }
     }

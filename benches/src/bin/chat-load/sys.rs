@@ -121,3 +121,12 @@ pub fn sample(pid: u32) -> Sample {
         ticks: cpu_ticks(pid).unwrap_or(0),
     }
 }
+
+/// Ephemeral ports a socket bound to one source address may get (the size of
+/// `net.ipv4.ip_local_port_range`; `None` when it cannot be read).
+pub fn local_port_count() -> Option<usize> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = range.split_whitespace().map(str::parse::<usize>);
+    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+    Some(hi.checked_sub(lo)? + 1)
+}
