@@ -1146,6 +1146,99 @@ async fn a_slow_consumer_is_disconnected_while_others_keep_receiving() {
         .expect("slow consumer still registered");
 }
 
+#[tokio::test]
+async fn replies_and_fan_out_share_one_ordered_queue_with_separate_bounds() {
+    let h = Harness::with(|c| {
+        c.outbound_queue = 4;
+        c.reply_queue = 32;
+        c.rate_limit = None;
+    })
+    .await;
+    let conv = h.group("alice", &["busy"]).await;
+    let mut alice = h.connect("alice").await;
+    let mut busy = h.connect("busy").await;
+    // `busy` sends 20 messages without reading: 20 acks queued, within its reply share and
+    // far beyond the fan-out share; that is not a slow consumer.
+    for i in 0..20 {
+        busy.send(text(conv, &format!("b{i}"), "x")).await;
+        match next(&mut alice).await {
+            Event::Message { message } => assert_eq!(message.seq, i + 1),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(busy.close_reason(), None);
+    // Fan-out has its own share: exactly `outbound_queue` frames fit…
+    for i in 0..4 {
+        send_ok(&mut alice, conv, &format!("a{i}"), "y").await;
+    }
+    assert_eq!(busy.close_reason(), None);
+    // …and everything comes out in the order it was queued: the acks, then the messages.
+    let got: Vec<Event> = busy.drain();
+    let acks: Vec<u64> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::MessageAck { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, (1..=20).collect::<Vec<_>>());
+    let live: Vec<u64> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { message } => Some(message.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live, vec![21, 22, 23, 24]);
+    assert!(matches!(got[19], Event::MessageAck { seq: 20, .. }));
+    // Taking frames frees their slots: another 4 fit, the 5th does not.
+    for i in 4..8 {
+        send_ok(&mut alice, conv, &format!("a{i}"), "y").await;
+    }
+    assert_eq!(busy.close_reason(), None);
+    send_ok(&mut alice, conv, "a8", "y").await;
+    assert_eq!(
+        busy.close_reason(),
+        Some(chat_core::CloseReason::SlowConsumer)
+    );
+}
+
+#[tokio::test]
+async fn a_reply_beyond_reply_queue_waits_for_the_client_to_read() {
+    let h = Harness::with(|c| {
+        c.reply_queue = 2;
+        c.rate_limit = None;
+    })
+    .await;
+    let conv = h.group("alice", &["bob"]).await;
+    let mut alice = h.connect("alice").await;
+    alice.send(text(conv, "m0", "x")).await;
+    alice.send(text(conv, "m1", "x")).await;
+    // The third ack has no slot: the command loop waits (nothing is dropped, nothing closed).
+    let third = tokio::time::timeout(QUIET, alice.session().handle(text(conv, "m2", "x"))).await;
+    assert!(third.is_err(), "the third reply did not wait");
+    assert_eq!(alice.close_reason(), None);
+    assert!(matches!(
+        next(&mut alice).await,
+        Event::MessageAck { seq: 1, .. }
+    ));
+    // Room again: the next command's reply goes through.
+    tokio::time::timeout(WAIT, alice.session().handle(text(conv, "m3", "x")))
+        .await
+        .expect("reply slot freed");
+    let rest: Vec<String> = alice
+        .drain()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::MessageAck { client_msg_id, .. } => Some(client_msg_id),
+            _ => None,
+        })
+        .collect();
+    // m2's send was abandoned while it waited for its ack slot (the message itself was stored:
+    // a retry with the same client_msg_id gets its ack).
+    assert_eq!(rest, vec!["m1", "m3"]);
+}
+
 // ---------------------------------------------------------------- push
 
 #[tokio::test(start_paused = true)]

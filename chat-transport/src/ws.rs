@@ -11,7 +11,7 @@
 //! 1009 frame too big, 4000 resync required, 4001 slow consumer, 4002 ping timeout.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chat_core::engine::Batch;
@@ -33,6 +33,9 @@ pub const CLOSE_RESYNC: u16 = 4000;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
 /// Close code: the client stopped answering pings.
 pub const CLOSE_PING_TIMEOUT: u16 = 4002;
+
+/// The writer records the fan-out latency of one batch in this many.
+const LATENCY_SAMPLE_EVERY: u32 = 8;
 
 /// Per-connection settings.
 #[derive(Clone, Copy, Debug)]
@@ -62,18 +65,22 @@ pub enum Ended {
     TooBig,
 }
 
-/// Milliseconds since `base` of the last inbound frame.
+/// What the reader and the writer of one connection share.
 #[derive(Debug)]
-struct LastSeen {
+struct ConnState {
     base: Instant,
+    /// Milliseconds since `base` of the last inbound frame.
     ms: AtomicU64,
+    /// Close code the writer sends when the reader ended the connection (0: none).
+    close_code: AtomicU16,
 }
 
-impl LastSeen {
+impl ConnState {
     fn new() -> Self {
         Self {
             base: Instant::now(),
             ms: AtomicU64::new(0),
+            close_code: AtomicU16::new(0),
         }
     }
     fn touch(&self) {
@@ -100,27 +107,23 @@ where
     S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + 'static,
 {
     let (sink, stream) = socket.split();
-    let session = Arc::new(session);
-    let last_seen = Arc::new(LastSeen::new());
+    let state = Arc::new(ConnState::new());
     let done = CancellationToken::new();
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<(u16, &'static str)>();
     let writer = tokio::spawn(write_loop(
         sink,
         outbound,
-        session.clone(),
         params,
-        last_seen.clone(),
+        state.clone(),
         done.clone(),
-        close_rx,
         metrics.clone(),
     ));
-    let read_end = read_loop(stream, &session, params, &last_seen, &done, &metrics).await;
-    // Tell the writer to finish: with a close frame for an oversized frame, else just stop.
+    let read_end = read_loop(stream, &session, params, &state, &done, &metrics).await;
+    // Stop the writer (through the same wait that brings it frames): with a close frame for an
+    // oversized frame, else without one. An engine close already requested wins.
     if read_end == Ended::TooBig {
-        let _ = close_tx.send((1009, "frame too big"));
-    } else {
-        drop(close_tx);
+        state.close_code.store(1009, Ordering::Relaxed);
     }
+    session.request_close(CloseReason::Disconnected);
     let mut writer = writer;
     let write_end = match tokio::time::timeout(params.write_timeout, &mut writer).await {
         Ok(r) => r.unwrap_or(Ended::Client),
@@ -129,10 +132,7 @@ where
             Ended::Client
         }
     };
-    done.cancel();
-    if let Ok(session) = Arc::try_unwrap(session) {
-        session.close().await;
-    }
+    session.close().await;
     match (read_end, write_end) {
         (Ended::TooBig, _) => Ended::TooBig,
         (_, Ended::Client) => read_end,
@@ -144,13 +144,17 @@ async fn read_loop<R>(
     mut stream: R,
     session: &Session,
     params: ConnectionParams,
-    last_seen: &LastSeen,
+    state: &ConnState,
     done: &CancellationToken,
     metrics: &Metrics,
 ) -> Ended
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
+    // One cancellation future for the connection's life, not one (with its waiter
+    // registration) per inbound frame.
+    let cancelled = done.cancelled();
+    tokio::pin!(cancelled);
     let codec = params.codec;
     let frames_in = metrics
         .frames
@@ -162,7 +166,7 @@ where
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
-            _ = done.cancelled() => return Ended::Client,
+            _ = &mut cancelled => return Ended::Client,
         };
         let payload = match msg {
             None => return Ended::Client,
@@ -175,7 +179,7 @@ where
                 return Ended::Client;
             }
             Some(Ok(m)) => {
-                last_seen.touch();
+                state.touch();
                 match m {
                     Message::Text(t) if !codec.is_binary() => t.into(),
                     Message::Binary(b) if codec.is_binary() => b,
@@ -222,15 +226,12 @@ fn to_message(codec: Codec, frame: &chat_core::Frame) -> Option<Message> {
         .flatten()
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn write_loop<W>(
     mut sink: W,
     mut outbound: Outbound,
-    session: Arc<Session>,
     params: ConnectionParams,
-    last_seen: Arc<LastSeen>,
+    state: Arc<ConnState>,
     done: CancellationToken,
-    mut close_rx: tokio::sync::oneshot::Receiver<(u16, &'static str)>,
     metrics: Arc<Metrics>,
 ) -> Ended
 where
@@ -253,17 +254,45 @@ where
             codec: codec_name(codec),
         })
         .clone();
+    let mut batches: u32 = 0;
     let ended = loop {
         tokio::select! {
+            // Frames first: under steady traffic the ping timer is not even polled (a
+            // connection that takes frames is alive, or its writes stall into the deadline).
             biased;
-            code = &mut close_rx => {
-                if let Ok((code, text)) = code {
-                    let _ = tokio::time::timeout(params.write_timeout, close(&mut sink, code, text)).await;
+            // Frames and every close request (engine or reader) arrive through one wait.
+            got = outbound.recv_batch(&mut batch, params.write_batch) => {
+                let n = match got {
+                    Batch::Ended => break Ended::Client,
+                    Batch::CloseRequested(reason) => {
+                        break close_requested(&mut sink, &mut outbound, reason, params, &state, &metrics).await;
+                    }
+                    Batch::Frames(n) => n,
+                };
+                // Latency is sampled: the first live message of every 8th batch (a clock read
+                // and a histogram update per frame would be a visible share of the fan-out cost).
+                batches = batches.wrapping_add(1);
+                if batches % LATENCY_SAMPLE_EVERY == 1
+                    && let Some(frame) = batch.iter().find(|f| matches!(f.event(), Event::Message { .. }))
+                {
+                    metrics.fanout_latency.observe(frame.age().as_secs_f64());
                 }
-                break Ended::Client;
+                let outcome =
+                    write_batch(&mut sink, &mut batch, codec, &outbound, deadline.as_mut(), params.write_timeout).await;
+                batch.clear();
+                match outcome {
+                    Some(true) => {
+                        frames_out.inc_by(n as u64);
+                    }
+                    Some(false) => break Ended::Client,
+                    None => {
+                        let reason = outbound.close_reason().unwrap_or(CloseReason::Shutdown);
+                        break close_requested(&mut sink, &mut outbound, reason, params, &state, &metrics).await;
+                    }
+                }
             }
             _ = ping.tick() => {
-                if last_seen.idle() >= reap_after {
+                if state.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
                     let _ = close(&mut sink, CLOSE_PING_TIMEOUT, "ping timeout").await;
                     break Ended::PingTimeout;
@@ -273,70 +302,77 @@ where
                     break Ended::Client;
                 }
             }
-            // Frames and the engine's close request arrive through one wait.
-            got = outbound.recv_batch(&mut batch, params.write_batch) => {
-                let n = match got {
-                    Batch::Ended => break Ended::Client,
-                    Batch::CloseRequested => {
-                        break engine_close(&mut sink, &mut outbound, &session, params, &metrics).await;
-                    }
-                    Batch::Frames(n) => n,
-                };
-                // One latency sample per batch (the first live message), not one per frame.
-                if let Some(frame) = batch.iter().find(|f| matches!(f.event(), Event::Message { .. })) {
-                    metrics.fanout_latency.observe(frame.age().as_secs_f64());
-                }
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + params.write_timeout);
-                let write = async {
-                    for frame in batch.drain(..) {
-                        if let Some(m) = to_message(codec, &frame) {
-                            sink.feed(m).await?;
-                        }
-                    }
-                    sink.flush().await
-                };
-                // A write stuck on a full socket must not outlive the engine's close request
-                // (slow consumer) or the write timeout.
-                let outcome = tokio::select! {
-                    biased;
-                    r = write => Some(r.is_ok()),
-                    _ = outbound.close_requested() => None,
-                    _ = &mut deadline => Some(false),
-                };
-                batch.clear();
-                match outcome {
-                    Some(true) => {
-                        frames_out.inc_by(n as u64);
-                    }
-                    Some(false) => break Ended::Client,
-                    None => {
-                        break engine_close(&mut sink, &mut outbound, &session, params, &metrics).await;
-                    }
-                }
-            }
         }
     };
     done.cancel();
     ended
 }
 
-/// The engine asked for the connection to be closed: say why with the matching close code
-/// (after flushing what is queued when the server is going away).
-async fn engine_close<W>(
+/// Writes `batch` (drained) with one flush. `Some(ok)` when the write finished (or failed) or
+/// the deadline passed (`Some(false)`), `None` when a close was requested while it waited.
+///
+/// Most writes complete on the first poll (the socket has room): only a write that has to wait
+/// arms the deadline and watches for a close request, so a write stuck on a full socket cannot
+/// outlive the engine's close request (slow consumer) or the write timeout, and the common case
+/// touches no timer.
+async fn write_batch<W>(
+    sink: &mut W,
+    batch: &mut Vec<Arc<chat_core::Frame>>,
+    codec: Codec,
+    outbound: &Outbound,
+    mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    timeout: Duration,
+) -> Option<bool>
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+{
+    let write = async {
+        for frame in batch.drain(..) {
+            if let Some(m) = to_message(codec, &frame) {
+                sink.feed(m).await?;
+            }
+        }
+        sink.flush().await
+    };
+    tokio::pin!(write);
+    if let std::task::Poll::Ready(r) = futures::poll!(write.as_mut()) {
+        return Some(r.is_ok());
+    }
+    deadline
+        .as_mut()
+        .reset(tokio::time::Instant::now() + timeout);
+    tokio::select! {
+        biased;
+        r = write => Some(r.is_ok()),
+        _ = outbound.close_requested() => None,
+        _ = &mut deadline => Some(false),
+    }
+}
+
+/// The connection is to be closed: say why with the matching close code (after flushing what
+/// is queued when the server is going away). A close the reader asked for carries its code, if
+/// any (1009 for an oversized frame).
+async fn close_requested<W>(
     sink: &mut W,
     outbound: &mut Outbound,
-    session: &Session,
+    reason: CloseReason,
     params: ConnectionParams,
+    state: &ConnState,
     metrics: &Metrics,
 ) -> Ended
 where
     W: Sink<Message, Error = WsError> + Unpin,
 {
     let codec = params.codec;
-    let reason = session.close_reason().unwrap_or(CloseReason::Shutdown);
     let (code, text) = match reason {
+        CloseReason::Disconnected => {
+            if state.close_code.load(Ordering::Relaxed) == 1009 {
+                let _ =
+                    tokio::time::timeout(params.write_timeout, close(sink, 1009, "frame too big"))
+                        .await;
+            }
+            return Ended::Client;
+        }
         CloseReason::SlowConsumer => {
             metrics.slow_consumers.inc();
             (CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync")

@@ -260,16 +260,13 @@ impl Chat {
             return Err(Error::Shutdown);
         }
         let inner = &self.inner;
-        let (live_tx, live_rx) = mpsc::channel(inner.config.outbound_queue);
-        let (reply_tx, reply_rx) = mpsc::channel(inner.config.reply_queue);
-        let (control_tx, control_rx) = mpsc::channel(1);
-        let conn = Arc::new(ConnHandle::new(
+        let (conn, outbound) = ConnHandle::new(
             inner.ids.connection_id(),
             user.clone(),
-            live_tx,
-            reply_tx,
-            control_tx,
-        ));
+            inner.config.outbound_queue,
+            inner.config.reply_queue,
+        );
+        let conn = Arc::new(conn);
         {
             let _guard = self.user_lock(&user).await;
             if inner.registry.add(conn.clone()) {
@@ -285,10 +282,7 @@ impl Chat {
         }
         inner.stats.connected();
         debug!(%user, connection = %conn.id, "connected");
-        Ok((
-            Session::new(self.clone(), conn),
-            Outbound::new(reply_rx, live_rx, control_rx),
-        ))
+        Ok((Session::new(self.clone(), conn), outbound))
     }
 
     /// First connection of a user on this node: subscribe to their topic, index their
@@ -362,7 +356,7 @@ impl Chat {
     pub(crate) async fn reply(&self, conn: &ConnHandle, event: Event) {
         // Waiting here only slows this connection's own command loop. A closed receiver means
         // the transport is gone; nothing to do.
-        let _ = conn.replies.send(Arc::new(Frame::new(event))).await;
+        conn.reply(Arc::new(Frame::new(event))).await;
         self.inner.stats.replied();
     }
 

@@ -24,11 +24,13 @@ pub struct ChatConfig {
     pub typing_throttle: Duration,
     /// Presence TTL and offline debounce.
     pub presence: PresenceConfig,
-    /// Capacity of each connection's live (fan-out) queue in frames; a connection whose queue is
-    /// full is disconnected as a slow consumer (default 1024).
+    /// Fan-out frames each connection may have queued; a connection that falls further behind
+    /// is disconnected as a slow consumer (default 1024). Replies and fan-out share one queue
+    /// per connection (in order), of `outbound_queue + reply_queue` slots.
     pub outbound_queue: usize,
-    /// Capacity of each connection's reply queue (acks, errors, sync pages). Replies wait for
-    /// room instead, which slows only that connection's own command loop (default 256).
+    /// Replies (acks, errors, sync pages) each connection may have queued. A reply beyond it
+    /// waits for room, which slows only that connection's own command loop, and never uses the
+    /// fan-out share (default 256).
     pub reply_queue: usize,
     /// Capacity of the router's inbox (default 8192).
     pub router_inbox: usize,

@@ -2,11 +2,14 @@
 //! who watches whose presence. Fan-out reads it; connects, disconnects and membership changes
 //! write it.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+
+use super::session::Outbound;
 
 use crate::id::{ConnectionId, ConversationId, UserId};
 use crate::protocol::Frame;
@@ -22,6 +25,9 @@ pub enum CloseReason {
     Shutdown,
     /// Live delivery to this node had a gap (router lag, broker reconnect): reconnect and sync.
     Resync,
+    /// The transport ended the connection (the client closed it, the socket failed, or the
+    /// transport refused a frame); see [`Session::request_close`](crate::Session::request_close).
+    Disconnected,
 }
 
 impl CloseReason {
@@ -31,67 +37,141 @@ impl CloseReason {
             Self::SlowConsumer => "slow consumer",
             Self::Shutdown => "server shutting down",
             Self::Resync => "resync required",
+            Self::Disconnected => "disconnected",
         }
     }
 }
 
+/// One item of a connection's outbound queue.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// Fan-out from other connections (counted against `outbound_queue`).
+    Live(Arc<Frame>),
+    /// A reply to the connection's own command (holds one of `reply_queue` slots).
+    Reply(Arc<Frame>),
+    /// Wakes a waiting writer to look at the close request.
+    Wake,
+}
+
 /// One live connection as the engine sees it.
+///
+/// Everything for the connection goes through **one** queue, in order (one wait for the
+/// writer, one channel's memory per connection), bounded by two counts: at most
+/// `outbound_queue` fan-out frames (one more means the client reads too slowly: slow consumer)
+/// and at most `reply_queue` replies (one more waits for room, slowing only this connection's
+/// own command loop). Replies never use the fan-out share, so a large `sync` replay cannot make
+/// live traffic look like a slow consumer.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
     /// Cluster-unique id.
     pub(crate) id: ConnectionId,
     /// The authenticated user.
     pub(crate) user: UserId,
-    /// Fan-out queue: filled with `try_send`; full means slow consumer.
-    live: mpsc::Sender<Arc<Frame>>,
-    /// The connection's own replies: awaited, so only that connection's command loop waits.
-    pub(crate) replies: mpsc::Sender<Arc<Frame>>,
-    /// Cancelled when the engine wants the transport to close the connection.
-    pub(crate) close: CancellationToken,
-    /// The same request as one item on the connection's outbound side (capacity 1), so a
-    /// writer waiting for frames learns of it without polling the token on every batch.
-    control: mpsc::Sender<()>,
-    /// Why it was closed (first reason wins).
+    /// The outbound queue (bounded by `shared`, not by the channel).
+    queue: mpsc::UnboundedSender<Out>,
+    /// The queue's bounds and the close request (one allocation: every delivery touches it).
+    pub(crate) shared: Arc<ConnShared>,
+}
+
+/// What a connection's engine side and its [`Outbound`] share.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    /// Fan-out frames in the queue.
+    live: AtomicUsize,
+    live_max: usize,
+    /// Free reply slots.
+    reply_permits: Semaphore,
+    /// Why the connection is to be closed (first reason wins).
     reason: OnceLock<CloseReason>,
+    /// Cancelled with the first close reason.
+    pub(crate) token: CancellationToken,
+}
+
+impl ConnShared {
+    pub(crate) fn took_live(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn took_reply(&self) {
+        self.reply_permits.add_permits(1);
+    }
+
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+
+    /// True for the first request.
+    fn request_close(&self, reason: CloseReason) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        self.token.cancel();
+        first
+    }
 }
 
 impl ConnHandle {
+    /// A connection and its outbound side.
     pub(crate) fn new(
         id: ConnectionId,
         user: UserId,
-        live: mpsc::Sender<Arc<Frame>>,
-        replies: mpsc::Sender<Arc<Frame>>,
-        control: mpsc::Sender<()>,
-    ) -> Self {
-        Self {
-            control,
-            id,
-            user,
-            live,
-            replies,
-            close: CancellationToken::new(),
+        outbound_queue: usize,
+        reply_queue: usize,
+    ) -> (Self, Outbound) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ConnShared {
+            live: AtomicUsize::new(0),
+            live_max: outbound_queue.max(1),
+            reply_permits: Semaphore::new(reply_queue.max(1)),
             reason: OnceLock::new(),
-        }
+            token: CancellationToken::new(),
+        });
+        let outbound = Outbound::new(rx, shared.clone());
+        (
+            Self {
+                id,
+                user,
+                queue: tx,
+                shared,
+            },
+            outbound,
+        )
     }
 
-    /// Queues a fan-out frame; false when the queue is full (slow consumer).
+    /// Queues a fan-out frame; false when the connection already has its most fan-out frames
+    /// queued (slow consumer).
     fn push(&self, frame: &Arc<Frame>) -> bool {
-        match self.live.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => self.close.is_cancelled(),
-            // The receiver is gone: the transport is tearing the connection down.
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
+        let shared = &self.shared;
+        if shared.live.fetch_add(1, Ordering::AcqRel) >= shared.live_max {
+            shared.took_live();
+            // Already being closed: not a new slow consumer.
+            return shared.token.is_cancelled();
         }
+        if self.queue.send(Out::Live(frame.clone())).is_err() {
+            // The receiver is gone: the transport is tearing the connection down.
+            shared.took_live();
+        }
+        true
+    }
+
+    /// Queues a reply, waiting for a free reply slot (only this connection's own command loop
+    /// waits). False when the outbound side is gone.
+    pub(crate) async fn reply(&self, frame: Arc<Frame>) -> bool {
+        let Ok(permit) = self.shared.reply_permits.acquire().await else {
+            return false;
+        };
+        // The reader gives the slot back when it takes the frame.
+        permit.forget();
+        self.queue.send(Out::Reply(frame)).is_ok()
     }
 
     pub(crate) fn request_close(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
-        self.close.cancel();
-        let _ = self.control.try_send(());
+        if self.shared.request_close(reason) {
+            // Wake a writer waiting for frames (once: the first reason wins).
+            let _ = self.queue.send(Out::Wake);
+        }
     }
 
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
+        self.shared.reason()
     }
 }
 

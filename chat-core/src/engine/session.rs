@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
 use super::Chat;
-use super::registry::{CloseReason, ConnHandle};
+use super::registry::{CloseReason, ConnHandle, ConnShared, Out};
 use crate::error::Result;
 use crate::id::{ConnectionId, UserId};
 use crate::protocol::{Command, Event, Frame};
@@ -79,12 +79,19 @@ impl Session {
     /// see [`Session::close_reason`]. The future may be kept (pinned) across a loop and polled
     /// again after it resolved: it stays ready.
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.conn.close.cancelled()
+        self.conn.shared.token.cancelled()
     }
 
     /// Why the engine closed the connection, if it did.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.conn.close_reason()
+    }
+
+    /// Asks the outbound side to close the connection for `reason` (the first reason wins; a
+    /// writer sees it in [`Outbound::recv_batch`]). Transports call it with
+    /// [`CloseReason::Disconnected`] when the client side ended, to stop their writer.
+    pub fn request_close(&self, reason: CloseReason) {
+        self.conn.request_close(reason);
     }
 
     /// Disconnects: leaves the registry, tells presence. Idempotent with `Drop`.
@@ -111,16 +118,14 @@ impl Drop for Session {
     }
 }
 
-/// Frames for one connection: replies to its own commands and fan-out from others. A transport
-/// drains it with [`Outbound::recv_many`] and writes the batch with one flush.
+/// Frames for one connection: replies to its own commands and fan-out from others, in the
+/// order the engine queued them (one queue). A transport drains it with
+/// [`Outbound::recv_batch`] (or [`Outbound::recv_many`]) and writes each batch with one flush.
 #[derive(Debug)]
 pub struct Outbound {
-    /// Replies (acks, errors, sync pages).
-    replies: mpsc::Receiver<Arc<Frame>>,
-    /// Fan-out from other connections.
-    live: mpsc::Receiver<Arc<Frame>>,
-    /// One item when the engine asks for the connection to be closed.
-    control: mpsc::Receiver<()>,
+    queue: mpsc::UnboundedReceiver<Out>,
+    /// The queue bounds (given back as frames are taken) and the close request.
+    shared: Arc<ConnShared>,
 }
 
 /// What [`Outbound::recv_batch`] got.
@@ -128,37 +133,51 @@ pub struct Outbound {
 pub enum Batch {
     /// This many frames were appended to the buffer.
     Frames(usize),
-    /// The engine asks for the connection to be closed (see [`Session::close_reason`]).
-    CloseRequested,
+    /// The connection is to be closed, for this reason (also [`Session::close_reason`]).
+    CloseRequested(CloseReason),
     /// The session is gone and every frame was drained.
     Ended,
 }
 
 impl Outbound {
-    pub(crate) fn new(
-        replies: mpsc::Receiver<Arc<Frame>>,
-        live: mpsc::Receiver<Arc<Frame>>,
-        control: mpsc::Receiver<()>,
-    ) -> Self {
-        Self {
-            replies,
-            live,
-            control,
+    pub(crate) fn new(queue: mpsc::UnboundedReceiver<Out>, shared: Arc<ConnShared>) -> Self {
+        Self { queue, shared }
+    }
+
+    /// The frame of a queue item, returning a reply's permit; `None` for a wake-up.
+    fn frame(&self, item: Out) -> Option<Arc<Frame>> {
+        match item {
+            Out::Live(f) => {
+                self.shared.took_live();
+                Some(f)
+            }
+            Out::Reply(f) => {
+                self.shared.took_reply();
+                Some(f)
+            }
+            Out::Wake => None,
         }
     }
 
-    /// For writers: waits for frames or a close request, whichever comes first (a close request
-    /// wins over queued frames). On frames, takes every ready frame up to `limit` into `buf`.
-    /// One wait covers both, so a writer needs no separate close future per batch.
+    /// For writers: waits for frames or a close request. A close request is reported before
+    /// any further frame is taken (frames already queued stay queued, e.g. for a flush on
+    /// [`CloseReason::Shutdown`]); otherwise takes every ready frame up to `limit` into `buf`.
+    /// This is the writer's only wait: no separate close future is polled per batch.
     pub async fn recv_batch(&mut self, buf: &mut Vec<Arc<Frame>>, limit: usize) -> Batch {
-        let first = tokio::select! {
-            biased;
-            Some(()) = self.control.recv() => return Batch::CloseRequested,
-            Some(f) = self.replies.recv() => f,
-            Some(f) = self.live.recv() => f,
-            else => return Batch::Ended,
-        };
-        buf.push(first);
+        loop {
+            if let Some(reason) = self.shared.reason() {
+                return Batch::CloseRequested(reason);
+            }
+            match self.queue.recv().await {
+                None => return Batch::Ended,
+                Some(item) => {
+                    if let Some(first) = self.frame(item) {
+                        buf.push(first);
+                        break;
+                    }
+                }
+            }
+        }
         let mut n = 1;
         while n < limit.max(1) {
             match self.try_recv() {
@@ -172,32 +191,34 @@ impl Outbound {
         Batch::Frames(n)
     }
 
-    /// Resolves when the engine asks for the connection to be closed (cheap to poll: one
-    /// channel). Resolves at most once per request.
-    pub async fn close_requested(&mut self) {
-        if self.control.recv().await.is_none() {
-            std::future::pending::<()>().await;
-        }
+    /// Resolves once the connection is asked to close (for a writer blocked on a full socket).
+    pub async fn close_requested(&self) {
+        self.shared.token.cancelled().await;
     }
 
-    /// The next frame; `None` once the session is gone and both queues are drained.
+    /// Why the connection is to be closed, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason()
+    }
+
+    /// The next frame; `None` once the session is gone and every frame was drained.
     pub async fn recv(&mut self) -> Option<Arc<Frame>> {
-        tokio::select! {
-            // Replies first: they are bounded by this connection's own commands, so they cannot
-            // starve fan-out for long (and `biased` skips a random draw per frame).
-            biased;
-            Some(f) = self.replies.recv() => Some(f),
-            Some(f) = self.live.recv() => Some(f),
-            else => None,
+        loop {
+            let item = self.queue.recv().await?;
+            if let Some(f) = self.frame(item) {
+                return Some(f);
+            }
         }
     }
 
     /// A frame if one is ready.
     pub fn try_recv(&mut self) -> Option<Arc<Frame>> {
-        self.replies
-            .try_recv()
-            .ok()
-            .or_else(|| self.live.try_recv().ok())
+        loop {
+            let item = self.queue.try_recv().ok()?;
+            if let Some(f) = self.frame(item) {
+                return Some(f);
+            }
+        }
     }
 
     /// Waits for at least one frame, then takes every ready frame up to `limit` into `buf`.
