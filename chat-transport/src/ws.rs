@@ -132,7 +132,8 @@ where
             Ended::Client
         }
     };
-    session.close().await;
+    // Boxed for the same reason as commands: it runs once, at the end.
+    Box::pin(session.close()).await;
     match (read_end, write_end) {
         (Ended::TooBig, _) => Ended::TooBig,
         (_, Ended::Client) => read_end,
@@ -185,15 +186,10 @@ where
                     Message::Binary(b) if codec.is_binary() => b,
                     Message::Text(_) | Message::Binary(_) => {
                         let expected = if codec.is_binary() { "binary" } else { "text" };
-                        session
-                            .reply(Event::error(
-                                &chat_core::Error::invalid(format!(
-                                    "this connection uses codec {:?}: send {expected} frames",
-                                    codec
-                                )),
-                                None,
-                            ))
-                            .await;
+                        let err = chat_core::Error::invalid(format!(
+                            "this connection uses codec {codec:?}: send {expected} frames"
+                        ));
+                        Box::pin(session.reply(Event::error(&err, None))).await;
                         continue;
                     }
                     Message::Close(_) => return Ended::Client,
@@ -203,10 +199,11 @@ where
         };
         frames_in.inc();
         match codec.decode(&payload) {
-            Ok(command) => session.handle(command).await,
-            Err(err) => {
-                session.reply(Event::error(&err.to_error(), None)).await;
-            }
+            // Boxed: the engine's command future is ~2.7 KB; inline, every connection's reader
+            // task would carry that space even while idle. One allocation per command instead
+            // (and the error replies are rare).
+            Ok(command) => Box::pin(session.handle(command)).await,
+            Err(err) => Box::pin(session.reply(Event::error(&err.to_error(), None))).await,
         }
     }
 }
@@ -294,7 +291,7 @@ where
             _ = ping.tick() => {
                 if state.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
-                    let _ = close(&mut sink, CLOSE_PING_TIMEOUT, "ping timeout").await;
+                    let _ = Box::pin(close(&mut sink, CLOSE_PING_TIMEOUT, "ping timeout")).await;
                     break Ended::PingTimeout;
                 }
                 let sent = tokio::time::timeout(params.write_timeout, sink.send(Message::Ping(Default::default()))).await;
