@@ -21,6 +21,13 @@
 //!   processes (this executable re-run in a hidden worker mode) as their file limit needs, so
 //!   it goes beyond one process's open files (100k and more); see `chat-load/fleet.rs`.
 //! * `baseline-idle`, `baseline-group`: `idle` and `group` against `baseline-server`.
+//! * `peer-centrifugo-idle`, `peer-centrifugo-group`, `peer-socketioxide-idle`,
+//!   `peer-socketioxide-group`: the same against Centrifugo and `peer-socketioxide`, their
+//!   clients speaking the peer's protocol (see `chat-load/peers.rs`).
+//!
+//! Every scenario but `cluster-idle` is one run of the same driver (`drive`), generic over the
+//! [`Protocol`] its clients speak (chat JSON, baseline, Centrifugo, socket.io), so they are all
+//! connected, warmed up, loaded, drained and measured by the same code.
 //!
 //! The servers are children of this process: on free loopback ports, with
 //! `CHAT_RATE_LIMIT=0`, in dev auth (`?user=`), waited for (`/healthz`, or the port for the
@@ -85,11 +92,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use futures::StreamExt;
+use futures::stream::SplitSink;
+use futures::{Sink, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use client::{Shared, Target, Ws};
 use server::{Http, Proc};
@@ -149,6 +158,11 @@ impl Scenario {
                 | Scenario::PeerCentrifugoIdle
                 | Scenario::PeerSocketioxideIdle
         )
+    }
+    /// Groups named `g<k>` by the clients themselves (baseline and peers), rather than chat
+    /// conversations created over HTTP.
+    fn named_groups(self) -> bool {
+        self.is_baseline() || self.peer().is_some()
     }
     fn is_cluster(self) -> bool {
         matches!(self, Scenario::Cluster | Scenario::ClusterIdle)
@@ -293,12 +307,82 @@ fn sibling(given: &Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
 struct Plan {
     /// Index of the server node it connects to.
     node: usize,
-    /// The `/ws?...` path.
-    path: String,
+    /// Its user, `u<i>` (how chat-server knows it).
+    user: String,
+    /// The group it is in, `g<k>` (what it joins on baseline-server and the peers), or its chat
+    /// conversation's id (empty for an idle chat connection).
+    group: String,
     /// What it sends, to how many recipients; `None` for a listener only.
     sends: Option<(Target, u64)>,
     /// Sends the warm-up message of its conversation.
     warmup: bool,
+}
+
+/// What the clients of one server kind speak, for [`drive`]: how a client connects and joins,
+/// how its frames are framed (a client is a WebSocket of text frames as `client::read_loop`
+/// and `client::send_loop` see them), and what the report says of it: chat JSON and the
+/// baseline's in [`Plain`], Centrifugo and socket.io in [`peers::Peer`].
+trait Protocol: Copy + Send + Sync + 'static {
+    /// A connected client.
+    type Client: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Send
+        + Unpin
+        + 'static;
+    /// The WebSocket path `plan`'s client opens.
+    fn path(self, plan: &Plan) -> String;
+    /// Makes a client of `plan`'s open WebSocket (the protocol's own handshake and join).
+    fn open(
+        self,
+        ws: Ws,
+        plan: Plan,
+    ) -> impl Future<Output = Result<Self::Client, String>> + Send + 'static;
+    /// Whether the server acks every message (`message_ack`): the drain waits for the acks,
+    /// `ack_*` is reported and a missing ack is an error.
+    fn acked(self) -> bool {
+        false
+    }
+    /// Fields the report adds for it.
+    fn fields(self) -> Vec<(String, Value)> {
+        Vec::new()
+    }
+    /// The note of an idle hold.
+    fn idle_note(self) -> String {
+        "idle: rss_per_connection = (RSS 1 s after the last connect - RSS 0.5 s after startup) \
+         / connections; server_cpu over the hold"
+            .into()
+    }
+    /// The note of a traffic run that sent `sent` messages.
+    fn traffic_note(self, _sent: u64) -> Option<String> {
+        None
+    }
+}
+
+/// The protocols spoken straight on the WebSocket, with no handshake of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plain {
+    /// chat-server's JSON protocol: `/ws?user=u<i>` (dev auth), `message` frames to a
+    /// conversation, each acked by a `message_ack`.
+    ChatJson,
+    /// baseline-server: `/ws?group=g<k>`, and every frame is relayed as it is to the rest of
+    /// the group (no acks).
+    Baseline,
+}
+
+impl Protocol for Plain {
+    type Client = Ws;
+    fn path(self, plan: &Plan) -> String {
+        match self {
+            Plain::ChatJson => format!("/ws?user={}", plan.user),
+            Plain::Baseline => format!("/ws?group={}", plan.group),
+        }
+    }
+    fn open(self, ws: Ws, _: Plan) -> impl Future<Output = Result<Ws, String>> + Send + 'static {
+        std::future::ready(Ok(ws))
+    }
+    fn acked(self) -> bool {
+        self == Plain::ChatJson
+    }
 }
 
 /// The servers of one run.
@@ -420,12 +504,15 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
         None if scenario == Scenario::ClusterIdle => {
             fleet::drive(args, connections, &servers, nofile).await
         }
-        Some(peer) => {
-            let idle = scenario.is_idle();
-            let node = &servers.nodes[0];
-            peers::drive(args, scenario.name(), peer, idle, connections, node).await
+        Some(peer) => drive(args, scenario, peer, connections, &servers).await,
+        None => {
+            let proto = if scenario.is_baseline() {
+                Plain::Baseline
+            } else {
+                Plain::ChatJson
+            };
+            drive(args, scenario, proto, connections, &servers).await
         }
-        None => drive(args, scenario, connections, &servers).await,
     };
     let metrics = if scenario.is_baseline() || scenario.peer().is_some() {
         serde_json::Map::new()
@@ -456,7 +543,10 @@ async fn run(args: &Args, nofile: u64) -> anyhow::Result<Value> {
     Ok(report)
 }
 
-/// Builds every connection's plan (and creates the chat conversations over HTTP).
+/// Builds every connection's plan (and creates the chat conversations over HTTP). Groups of
+/// `--group-size` (the last one may be smaller; a group of one is left out of the traffic
+/// workloads), `--senders` senders each; idle connections of the baseline and the peers join
+/// group `i / size`, and nobody sends.
 async fn plans(
     args: &Args,
     scenario: Scenario,
@@ -465,33 +555,25 @@ async fn plans(
 ) -> anyhow::Result<(Vec<Plan>, usize)> {
     let nodes = servers.nodes.len();
     let size = args.group_size;
-    let mut plans = Vec::with_capacity(connections);
+    let plan = |i: usize, group: String, sends: Option<(Target, u64)>, warmup: bool| Plan {
+        node: i % nodes,
+        user: format!("u{i}"),
+        group,
+        sends,
+        warmup,
+    };
     match scenario {
-        Scenario::PeerCentrifugoIdle
-        | Scenario::PeerCentrifugoGroup
-        | Scenario::PeerSocketioxideIdle
-        | Scenario::PeerSocketioxideGroup => bail!("peer scenarios are planned by peers::drive"),
         Scenario::ClusterIdle => bail!("cluster-idle is driven by fleet::drive"),
         Scenario::Idle => {
-            for i in 0..connections {
-                plans.push(Plan {
-                    node: i % nodes,
-                    path: format!("/ws?user=u{i}"),
-                    sends: None,
-                    warmup: false,
-                });
-            }
+            let plans = (0..connections)
+                .map(|i| plan(i, String::new(), None, false))
+                .collect();
             Ok((plans, 0))
         }
-        Scenario::BaselineIdle => {
-            for i in 0..connections {
-                plans.push(Plan {
-                    node: 0,
-                    path: format!("/ws?group=g{}", i / size),
-                    sends: None,
-                    warmup: false,
-                });
-            }
+        Scenario::BaselineIdle | Scenario::PeerCentrifugoIdle | Scenario::PeerSocketioxideIdle => {
+            let plans = (0..connections)
+                .map(|i| plan(i, format!("g{}", i / size), None, false))
+                .collect();
             Ok((plans, 0))
         }
         Scenario::Direct => {
@@ -504,24 +586,29 @@ async fn plans(
                 })
                 .collect();
             let ids = create_conversations(&servers.nodes[0], specs).await?;
-            for i in 0..connections {
-                let conversation = ids[i / 2].clone();
-                plans.push(Plan {
-                    node: i % nodes,
-                    path: format!("/ws?user=u{i}"),
-                    sends: Some((Target::Chat { conversation }, 1)),
-                    warmup: i % 2 == 0,
-                });
-            }
+            let plans = (0..connections)
+                .map(|i| {
+                    let conversation = ids[i / 2].clone();
+                    let target = Target::Chat {
+                        conversation: conversation.clone(),
+                    };
+                    plan(i, conversation, Some((target, 1)), i % 2 == 0)
+                })
+                .collect();
             Ok((plans, connections / 2))
         }
-        Scenario::Group | Scenario::Cluster | Scenario::BaselineGroup => {
+        Scenario::Group
+        | Scenario::Cluster
+        | Scenario::BaselineGroup
+        | Scenario::PeerCentrifugoGroup
+        | Scenario::PeerSocketioxideGroup => {
+            let named = scenario.named_groups();
             let groups: Vec<std::ops::Range<usize>> = (0..connections)
                 .step_by(size)
                 .map(|s| s..(s + size).min(connections))
                 .filter(|r| r.len() >= 2)
                 .collect();
-            let ids = if scenario == Scenario::BaselineGroup {
+            let ids = if named {
                 (0..groups.len()).map(|g| format!("g{g}")).collect()
             } else {
                 let specs = groups
@@ -537,11 +624,12 @@ async fn plans(
                 create_conversations(&servers.nodes[0], specs).await?
             };
             let senders = args.senders.unwrap_or(10).max(1);
+            let mut plans = Vec::with_capacity(connections);
             for (g, r) in groups.iter().enumerate() {
                 let recipients = (r.len() - 1) as u64;
                 for (m, i) in r.clone().enumerate() {
                     let sends = (m < senders).then(|| {
-                        let target = if scenario == Scenario::BaselineGroup {
+                        let target = if named {
                             Target::Baseline {
                                 group: ids[g].clone(),
                                 user: format!("u{i}"),
@@ -553,17 +641,7 @@ async fn plans(
                         };
                         (target, recipients)
                     });
-                    let path = if scenario == Scenario::BaselineGroup {
-                        format!("/ws?group={}", ids[g])
-                    } else {
-                        format!("/ws?user=u{i}")
-                    };
-                    plans.push(Plan {
-                        node: i % nodes,
-                        path,
-                        sends,
-                        warmup: m == 0,
-                    });
+                    plans.push(plan(i, ids[g].clone(), sends, m == 0));
                 }
             }
             Ok((plans, groups.len()))
@@ -609,14 +687,18 @@ async fn create_conversations(
 }
 
 /// A connected client: its send half is kept for the window.
-enum Conn {
+enum Conn<C> {
     Listener,
-    Sender(futures::stream::SplitSink<Ws, tokio_tungstenite::tungstenite::Message>),
+    Sender(SplitSink<C, Message>),
 }
 
-async fn drive(
+/// Runs one measured run of `scenario` against `servers`, its clients speaking `proto`: connect
+/// every client, then the idle hold, or the warm-up, the open-loop window and the drain; samples
+/// the servers and returns the report (see the top of this file for how each figure is taken).
+async fn drive<P: Protocol>(
     args: &Args,
     scenario: Scenario,
+    proto: P,
     connections: usize,
     servers: &Servers,
 ) -> anyhow::Result<Value> {
@@ -627,34 +709,45 @@ async fn drive(
     let (rss_start, _) = servers.sample();
 
     let (plans, groups) = plans(args, scenario, connections, servers).await?;
+    let plans = Arc::new(plans);
     let shared = Arc::new(Shared::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // ---- connect everything
+    // ---- connect (and join) everything
     eprintln!(
         "chat-load: {}: connecting {} clients to {} server(s)",
         scenario.name(),
         plans.len(),
         servers.nodes.len()
     );
-    let mut conns: Vec<Option<Conn>> = (0..plans.len()).map(|_| None).collect();
+    let mut conns: Vec<Option<Conn<P::Client>>> = (0..plans.len()).map(|_| None).collect();
     let mut readers = JoinSet::new();
     let targets = plans
         .iter()
         .enumerate()
-        .map(|(i, plan)| (i, servers.nodes[plan.node].addr, plan.path.clone()));
-    let outcome = client::connect_all(targets, args.sources, args.connect_concurrency, |i, ws| {
-        let shared = shared.clone();
-        let stop = stop_rx.clone();
-        if plans[i].sends.is_some() {
-            let (sink, stream) = ws.split();
-            readers.spawn(async move { client::read_loop(stream, i, &shared, stop).await });
-            conns[i] = Some(Conn::Sender(sink));
-        } else {
-            readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
-            conns[i] = Some(Conn::Listener);
-        }
-    })
+        .map(|(i, plan)| (i, servers.nodes[plan.node].addr, proto.path(plan)));
+    let handshake = {
+        let plans = plans.clone();
+        move |i: usize, ws| proto.open(ws, plans[i].clone())
+    };
+    let outcome = client::connect_all(
+        targets,
+        args.sources,
+        args.connect_concurrency,
+        handshake,
+        |i, ws: P::Client| {
+            let shared = shared.clone();
+            let stop = stop_rx.clone();
+            if plans[i].sends.is_some() {
+                let (sink, stream) = ws.split();
+                readers.spawn(async move { client::read_loop(stream, i, &shared, stop).await });
+                conns[i] = Some(Conn::Sender(sink));
+            } else {
+                readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
+                conns[i] = Some(Conn::Listener);
+            }
+        },
+    )
     .await?;
     let connected = outcome.ok;
     let connect_secs = outcome.seconds;
@@ -676,6 +769,7 @@ async fn drive(
         "connect_seconds": round3(connect_secs),
     });
     let obj = report.as_object_mut().expect("object");
+    obj.extend(proto.fields());
 
     if scenario.is_idle() {
         // Settle, then the "all connected" sample.
@@ -691,6 +785,7 @@ async fn drive(
         let load1 = sys::cpu_ticks(self_pid).unwrap_or(0);
         let _ = stop_tx.send(true);
         let closed_early = shared.closed_early.load(Ordering::Relaxed);
+        let error_frames = shared.error_frames.load(Ordering::Relaxed);
         obj.extend(idle_fields(
             IdleHold {
                 rss_start,
@@ -699,12 +794,12 @@ async fn drive(
                 connected,
                 server_ticks: ticks1.saturating_sub(ticks0),
                 load_ticks: load1.saturating_sub(load0),
-                errors: connect_errors + closed_early,
+                errors: connect_errors + closed_early + error_frames,
                 error_detail: json!({"connect": connect_errors, "closed_early": closed_early,
+                       "error_frames": error_frames,
+                       "first_error_frame": *shared.first_error.lock().unwrap(),
                        "first_connect_error": first_connect_error}),
-                note: "idle: rss_per_connection = (RSS 1 s after the last connect - RSS 0.5 s \
-                       after startup) / connections; server_cpu over the hold"
-                    .into(),
+                note: proto.idle_note(),
             },
             tck,
         ));
@@ -786,13 +881,13 @@ async fn drive(
     let _ = tokio::task::spawn_blocking(move || clock.join()).await;
     let senders_done = Instant::now();
     // Drain: until every expected delivery (and ack) is in, or the drain timeout.
-    let is_chat = !scenario.is_baseline();
+    let wants_acks = proto.acked();
     let drain_deadline = senders_done + Duration::from_secs_f64(args.drain);
     loop {
         let delivered = shared.delivered.load(Ordering::Relaxed);
         let expected = shared.expected.load(Ordering::Relaxed);
         let acked = shared.acks.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed);
-        if (delivered >= expected && (acked || !is_chat)) || Instant::now() >= drain_deadline {
+        if (delivered >= expected && (acked || !wants_acks)) || Instant::now() >= drain_deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -815,14 +910,15 @@ async fn drive(
     let error_frames = shared.error_frames.load(Ordering::Relaxed);
     let send_errors = shared.send_errors.load(Ordering::Relaxed);
     let closed_early = shared.closed_early.load(Ordering::Relaxed);
-    let unacked = if is_chat {
+    let unacked = if wants_acks {
         sent.saturating_sub(acks)
     } else {
         0
     };
     let cpu = ticks1.saturating_sub(ticks0) as f64 / tck;
     let lat = shared.latency();
-    let ack = shared.ack_latency();
+    // Ack latency: chat only (null for the others).
+    let ack = wants_acks.then(|| shared.ack_latency());
     let lag = shared.send_lag();
     let senders_n = senders.len();
     obj.extend([
@@ -867,14 +963,8 @@ async fn drive(
                 "first_connect_error": first_connect_error,
             }),
         ),
-        (
-            "ack_p50_ms".into(),
-            if is_chat { json!(ack.p50) } else { Value::Null },
-        ),
-        (
-            "ack_p99_ms".into(),
-            if is_chat { json!(ack.p99) } else { Value::Null },
-        ),
+        ("ack_p50_ms".into(), json!(ack.map(|a| a.p50))),
+        ("ack_p99_ms".into(), json!(ack.map(|a| a.p99))),
         ("send_lag_p50_ms".into(), json!(lag.p50)),
         ("send_lag_p99_ms".into(), json!(lag.p99)),
         ("send_lag_max_ms".into(), json!(lag.max)),
@@ -923,10 +1013,12 @@ async fn drive(
             },
         );
     }
+    if let Some(note) = proto.traffic_note(sent) {
+        obj.insert("note".into(), note.into());
+    }
     Ok(report)
 }
 
-/// Waits (bounded) for the reader tasks to see the stop signal.
 /// What an idle hold measured, for [`idle_fields`].
 struct IdleHold {
     rss_start: u64,
@@ -978,6 +1070,7 @@ fn idle_fields(h: IdleHold, tck: f64) -> Vec<(String, Value)> {
     ]
 }
 
+/// Waits (bounded) for the reader tasks to see the stop signal.
 async fn finish_readers(mut readers: JoinSet<()>) {
     let done = tokio::time::timeout(Duration::from_secs(10), async {
         while readers.join_next().await.is_some() {}

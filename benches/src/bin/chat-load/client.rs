@@ -209,7 +209,7 @@ pub async fn connect(server: SocketAddr, path: &str, source: Ipv4Addr) -> Result
 /// What [`connect_all`] did.
 #[derive(Debug)]
 pub struct Connected {
-    /// Connections opened (and handed to `on_open`).
+    /// Clients opened (and handed to `on_open`).
     pub ok: usize,
     /// Connections that failed after their retries.
     pub failed: u64,
@@ -220,26 +220,38 @@ pub struct Connected {
 }
 
 /// Opens every `(i, server, path)` of `targets` from [`source_addr`]`(i, sources)`, with at
-/// most `concurrency` attempts in flight, and hands each open WebSocket to `on_open` as soon as
-/// it is up (so its reader can start answering pings while the rest connect).
-pub async fn connect_all<F>(
+/// most `concurrency` attempts in flight, runs `handshake(i, ws)` on each WebSocket (a
+/// protocol's own connect and join, inside the same slot; `std::future::ready(Ok(ws))` for
+/// none) and hands each client to `on_open` as soon as it is up (so its reader can start
+/// answering pings while the rest connect). A failed handshake counts as a failed connection.
+pub async fn connect_all<C, H, Fut, F>(
     targets: impl IntoIterator<Item = (usize, SocketAddr, String)>,
     sources: usize,
     concurrency: usize,
+    handshake: H,
     mut on_open: F,
 ) -> anyhow::Result<Connected>
 where
-    F: FnMut(usize, Ws),
+    C: Send + 'static,
+    H: Fn(usize, Ws) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<C, String>> + Send + 'static,
+    F: FnMut(usize, C),
 {
     let started = Instant::now();
     let limit = Arc::new(Semaphore::new(concurrency.max(1)));
+    let handshake = Arc::new(handshake);
     let mut connecting = JoinSet::new();
     for (i, server, path) in targets {
         let source = source_addr(i, sources);
         let limit = limit.clone();
+        let handshake = handshake.clone();
         connecting.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            (i, connect(server, &path, source).await)
+            let client = match connect(server, &path, source).await {
+                Ok(ws) => handshake(i, ws).await,
+                Err(e) => Err(e),
+            };
+            (i, client)
         });
     }
     let mut out = Connected {
@@ -249,11 +261,11 @@ where
         seconds: 0.0,
     };
     while let Some(r) = connecting.join_next().await {
-        let (i, ws) = r.context("connect task panicked")?;
-        match ws {
-            Ok(ws) => {
+        let (i, client) = r.context("connect task panicked")?;
+        match client {
+            Ok(client) => {
                 out.ok += 1;
-                on_open(i, ws);
+                on_open(i, client);
             }
             Err(e) => {
                 out.failed += 1;

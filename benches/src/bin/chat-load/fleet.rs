@@ -403,12 +403,17 @@ pub async fn worker(args: &Args, range: Range<usize>, nofile: u64) -> anyhow::Re
     let targets = range
         .clone()
         .map(|i| (i, addrs[i % addrs.len()], format!("/ws?user=u{i}")));
-    let connecting =
-        client::connect_all(targets, args.sources, args.connect_concurrency, |i, ws| {
+    let connecting = client::connect_all(
+        targets,
+        args.sources,
+        args.connect_concurrency,
+        |_, ws| std::future::ready(Ok(ws)),
+        |i, ws| {
             let shared = shared.clone();
             let stop = stop_rx.clone();
             readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
-        });
+        },
+    );
     let outcome = tokio::select! {
         r = connecting => r?,
         _ = eof.wait_for(|&e| e) => bail!("stdin closed while connecting"),

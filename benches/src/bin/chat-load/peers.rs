@@ -16,18 +16,20 @@
 //!   default namespace, `420["join","<group>"]` (acknowledged by `430[…]`), then
 //!   `42["message",<frame>]` for every message; Engine.IO pings (`2`) are answered (`3`).
 //!
-//! The frame a sender sends is [`Target::Baseline`]'s (shaped and sized like the chat server's
-//! `message` event, carrying the intended send time in `content`), wrapped in the peer's
-//! envelope on the way out. [`PeerWs`] does the protocol: it wraps outgoing frames, answers the
+//! The frame a sender sends is [`crate::client::Target::Baseline`]'s (shaped and sized like
+//! the chat server's `message` event, carrying the intended send time in `content`), wrapped in
+//! the peer's envelope on the way out. [`PeerWs`] does the protocol: it wraps outgoing frames, answers the
 //! peers' application-level pings, swallows their control frames, and hands the reader every
 //! delivery as a frame `client::read_loop` already understands (`{"type":"message",` followed
 //! by the payload from its `"content":"` on), and every error reply or disconnect as a
 //! `{"type":"error",…}` frame. So the same `read_loop`, `send_loop`, clock, histograms and
 //! counters measure all of them.
 //!
-//! Wiring into `chat-load`: scenarios name a [`Peer`] and the `idle` or `group` workload; the
+//! Wiring into `chat-load`: scenarios name a [`Peer`] and the `idle` or `group` workload
+//! (planned like `baseline-idle` / `baseline-group`: groups `g<k>` of `--group-size`); the
 //! server is [`Peer::start`]ed in place of the baseline (it is a [`Proc`] like the others, so
-//! it is sampled, checked and killed the same way) and [`drive`] replaces `crate::drive`.
+//! it is sampled, checked and killed the same way), and `Peer` is the [`crate::Protocol`] that
+//! `crate::drive` runs the clients with (its path, handshake, report fields and notes).
 //!
 //! Programs: `peer-socketioxide` next to this executable (or `$CHAT_LOAD_SOCKETIOXIDE_BIN`);
 //! `benches/peers/start-centrifugo.sh` of this source tree (or `$CHAT_LOAD_CENTRIFUGO_START`),
@@ -37,22 +39,16 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::client::{self, Shared, Target, Ws};
+use crate::client::Ws;
 use crate::server::Proc;
-use crate::sys;
 
 /// How long the peer handshake (connect, join/subscribe) of one client may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -430,369 +426,41 @@ impl Sink<Message> for PeerWs {
     }
 }
 
-/// One client connection's role (the `baseline-group` / `baseline-idle` layout).
-#[derive(Clone, Debug)]
-struct PeerPlan {
-    /// The group it joins.
-    group: String,
-    /// What it sends, to how many recipients; `None` for a listener only.
-    sends: Option<(Target, u64)>,
-    /// Sends the warm-up message of its group.
-    warmup: bool,
-}
+impl crate::Protocol for Peer {
+    type Client = PeerWs;
 
-/// Groups of `--group-size` (the last one may be smaller; a group of one is left out of the
-/// group workload), `--senders` senders each, exactly like `baseline-group`; for idle, every
-/// connection joins group `i / size` and nobody sends.
-fn plans(args: &crate::Args, idle: bool, connections: usize) -> (Vec<PeerPlan>, usize) {
-    let size = args.group_size;
-    if idle {
-        let plans = (0..connections)
-            .map(|i| PeerPlan {
-                group: format!("g{}", i / size),
-                sends: None,
-                warmup: false,
-            })
-            .collect();
-        return (plans, 0);
-    }
-    let groups: Vec<std::ops::Range<usize>> = (0..connections)
-        .step_by(size)
-        .map(|s| s..(s + size).min(connections))
-        .filter(|r| r.len() >= 2)
-        .collect();
-    let senders = args.senders.unwrap_or(10).max(1);
-    let mut plans = Vec::with_capacity(connections);
-    for (g, r) in groups.iter().enumerate() {
-        let recipients = (r.len() - 1) as u64;
-        for (m, i) in r.clone().enumerate() {
-            let sends = (m < senders).then(|| {
-                let target = Target::Baseline {
-                    group: format!("g{g}"),
-                    user: format!("u{i}"),
-                };
-                (target, recipients)
-            });
-            plans.push(PeerPlan {
-                group: format!("g{g}"),
-                sends,
-                warmup: m == 0,
-            });
-        }
-    }
-    (plans, groups.len())
-}
-
-/// A connected client: its send half is kept for the window.
-enum Conn {
-    Listener,
-    Sender(futures::stream::SplitSink<PeerWs, Message>),
-}
-
-/// Drives `server` (a started [`Peer`]) with the `idle` or `group` workload and returns the
-/// report: the same fields, measured the same way, as `crate::drive` for `baseline-idle` /
-/// `baseline-group`, plus `peer` and `peer_version`. `scenario` is the name reported.
-pub async fn drive(
-    args: &crate::Args,
-    scenario: &str,
-    peer: Peer,
-    idle: bool,
-    connections: usize,
-    server: &Proc,
-) -> anyhow::Result<Value> {
-    let tck = sys::clock_ticks_per_second() as f64;
-    let self_pid = std::process::id();
-    let version = peer.program().map(|(_, v)| v).unwrap_or_default();
-    // Let the server settle after startup, then the "empty" sample.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_start = server.sample().rss;
-
-    let (plans, groups) = plans(args, idle, connections);
-    let shared = Arc::new(Shared::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    // ---- connect (and join) everything
-    eprintln!(
-        "chat-load: {scenario}: connecting {} clients to {}",
-        plans.len(),
-        peer.name()
-    );
-    let connect_started = Instant::now();
-    let limit = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let mut connecting = JoinSet::new();
-    for (i, plan) in plans.iter().enumerate() {
-        let addr = server.addr;
-        let group = plan.group.clone();
-        let source = client::source_addr(i, args.sources);
-        let limit = limit.clone();
-        connecting.spawn(async move {
-            let _permit = limit.acquire_owned().await;
-            let ws = match client::connect(addr, peer.ws_path(), source).await {
-                Ok(ws) => PeerWs::join(peer, ws, &group).await,
-                Err(e) => Err(e),
-            };
-            (i, ws)
-        });
-    }
-    let mut conns: Vec<Option<Conn>> = (0..plans.len()).map(|_| None).collect();
-    let mut readers = JoinSet::new();
-    let mut connect_errors = 0u64;
-    let mut first_connect_error = None;
-    while let Some(r) = connecting.join_next().await {
-        let (i, ws) = r.context("connect task panicked")?;
-        match ws {
-            Ok(ws) => {
-                let shared = shared.clone();
-                let stop = stop_rx.clone();
-                if plans[i].sends.is_some() {
-                    let (sink, stream) = ws.split();
-                    readers.spawn(async move { client::read_loop(stream, i, &shared, stop).await });
-                    conns[i] = Some(Conn::Sender(sink));
-                } else {
-                    readers.spawn(async move { client::read_loop(ws, i, &shared, stop).await });
-                    conns[i] = Some(Conn::Listener);
-                }
-            }
-            Err(e) => {
-                connect_errors += 1;
-                first_connect_error.get_or_insert(e);
-            }
-        }
-    }
-    let connected = conns.iter().filter(|c| c.is_some()).count();
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    eprintln!(
-        "chat-load: {connected} connected and joined in {connect_secs:.1} s ({connect_errors} failed{})",
-        first_connect_error
-            .as_ref()
-            .map(|e| format!(", first: {e}"))
-            .unwrap_or_default()
-    );
-
-    let mut report = json!({
-        "scenario": scenario,
-        "peer": peer.name(),
-        "peer_version": version,
-        "connections": connected,
-        "nodes": 1,
-        "duration_s": args.duration,
-        "connect_seconds": crate::round3(connect_secs),
-    });
-    let obj = report.as_object_mut().expect("object");
-
-    if idle {
-        // Settle, then the "all connected" sample.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let s0 = server.sample();
-        let load0 = sys::cpu_ticks(self_pid).unwrap_or(0);
-        eprintln!(
-            "chat-load: holding {connected} idle connections for {} s",
-            args.duration
-        );
-        tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
-        let s1 = server.sample();
-        let load1 = sys::cpu_ticks(self_pid).unwrap_or(0);
-        let _ = stop_tx.send(true);
-        let closed_early = shared.closed_early.load(Ordering::Relaxed);
-        let error_frames = shared.error_frames.load(Ordering::Relaxed);
-        obj.extend(crate::idle_fields(
-            crate::IdleHold {
-                rss_start,
-                rss_connected: s0.rss,
-                rss_end: s1.rss,
-                connected,
-                server_ticks: s1.ticks.saturating_sub(s0.ticks),
-                load_ticks: load1.saturating_sub(load0),
-                errors: connect_errors + closed_early + error_frames,
-                error_detail: json!({"connect": connect_errors, "closed_early": closed_early,
-                       "error_frames": error_frames,
-                       "first_error_frame": *shared.first_error.lock().unwrap(),
-                       "first_connect_error": first_connect_error}),
-                note: format!(
-                    "{}: idle connections joined to groups of --group-size; rss_per_connection = \
-                     (RSS 1 s after the last join - RSS 0.5 s after startup) / connections; \
-                     server_cpu over the hold",
-                    peer.name()
-                ),
-            },
-            tck,
-        ));
-        drop(conns);
-        crate::finish_readers(readers).await;
-        return Ok(report);
+    fn path(self, _: &crate::Plan) -> String {
+        self.ws_path().to_owned()
     }
 
-    // ---- warm-up: one message per group, every recipient must get it.
-    let mut warm_expected = 0u64;
-    for (i, plan) in plans.iter().enumerate() {
-        if let (true, Some((target, recipients)), Some(Conn::Sender(sink))) =
-            (plan.warmup, &plan.sends, conns[i].as_mut())
-            && client::send_warmup(sink, target, &shared).await
-        {
-            warm_expected += recipients;
-        }
+    async fn open(self, ws: Ws, plan: crate::Plan) -> Result<PeerWs, String> {
+        PeerWs::join(self, ws, &plan.group).await
     }
-    let warm_deadline = Instant::now() + Duration::from_secs(15);
-    while shared.warmup_delivered.load(Ordering::Relaxed) < warm_expected
-        && Instant::now() < warm_deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let warm_got = shared.warmup_delivered.load(Ordering::Relaxed);
-    if warm_got < warm_expected {
-        eprintln!("chat-load: warm-up incomplete: {warm_got}/{warm_expected} deliveries");
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    shared.error_frames.store(0, Ordering::Relaxed);
 
-    // ---- the measured window
-    let senders: Vec<usize> = (0..plans.len())
-        .filter(|&i| matches!(conns[i], Some(Conn::Sender(_))))
-        .collect();
-    if senders.is_empty() {
-        bail!("no sender connected");
+    fn fields(self) -> Vec<(String, Value)> {
+        let version = self.program().map(|(_, v)| v).unwrap_or_default();
+        vec![
+            ("peer".into(), json!(self.name())),
+            ("peer_version".into(), json!(version)),
+        ]
     }
-    let per_sender = args.rate / senders.len() as f64;
-    let window = Duration::from_secs_f64(args.duration);
-    let start = Instant::now() + Duration::from_millis(100);
-    let end = start + window;
-    let mut sending = JoinSet::new();
-    let mut clock_txs = Vec::with_capacity(senders.len());
-    for &i in &senders {
-        let Some(Conn::Sender(sink)) = conns[i].take() else {
-            continue;
-        };
-        let (target, recipients) = plans[i].sends.clone().expect("sender plan");
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        clock_txs.push(tx);
-        let shared = shared.clone();
-        sending
-            .spawn(async move { client::send_loop(sink, target, rx, recipients, &shared).await });
-    }
-    let clock = client::spawn_clock(start, end, args.rate, clock_txs);
-    eprintln!(
-        "chat-load: {scenario}: {} senders at {:.1} msg/s each ({} msg/s total) for {} s",
-        senders.len(),
-        per_sender,
-        args.rate,
-        args.duration
-    );
-    tokio::time::sleep_until(start).await;
-    let ticks0 = server.sample().ticks;
-    let load0 = sys::cpu_ticks(self_pid).unwrap_or(0);
-    let mut sinks = Vec::new();
-    while let Some(r) = sending.join_next().await {
-        sinks.push(r.context("sender panicked")?);
-    }
-    let _ = tokio::task::spawn_blocking(move || clock.join()).await;
-    let senders_done = Instant::now();
-    // Drain: until every expected delivery is in, or the drain timeout.
-    let drain_deadline = senders_done + Duration::from_secs_f64(args.drain);
-    loop {
-        let delivered = shared.delivered.load(Ordering::Relaxed);
-        let expected = shared.expected.load(Ordering::Relaxed);
-        if delivered >= expected || Instant::now() >= drain_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let drained = Instant::now();
-    let end_sample = server.sample();
-    let load1 = sys::cpu_ticks(self_pid).unwrap_or(0);
-    let _ = stop_tx.send(true);
-    drop(sinks);
-    drop(conns);
-    crate::finish_readers(readers).await;
 
-    let secs = args.duration;
-    let sent = shared.sent.load(Ordering::Relaxed);
-    let expected = shared.expected.load(Ordering::Relaxed);
-    let delivered = shared.delivered.load(Ordering::Relaxed);
-    let duplicates = shared.duplicates.load(Ordering::Relaxed);
-    let error_frames = shared.error_frames.load(Ordering::Relaxed);
-    let send_errors = shared.send_errors.load(Ordering::Relaxed);
-    let closed_early = shared.closed_early.load(Ordering::Relaxed);
-    let cpu = end_sample.ticks.saturating_sub(ticks0) as f64 / tck;
-    let lat = shared.latency();
-    let lag = shared.send_lag();
-    let rss_end = end_sample.rss;
-    let group_size = args.group_size.min(connections);
-    obj.extend([
-        ("target_rate".into(), json!(args.rate)),
-        ("groups".into(), json!(groups)),
-        ("group_size".into(), json!(group_size)),
-        ("senders".into(), json!(senders.len())),
-        ("sent".into(), json!(sent)),
-        (
-            "sent_per_sec".into(),
-            json!(crate::round3(sent as f64 / secs)),
-        ),
-        ("expected".into(), json!(expected)),
-        ("delivered".into(), json!(delivered)),
-        (
-            "delivered_per_sec".into(),
-            json!(crate::round3(delivered as f64 / secs)),
-        ),
-        ("lost".into(), json!(expected.saturating_sub(delivered))),
-        ("duplicates".into(), json!(duplicates)),
-        ("p50_ms".into(), json!(lat.p50)),
-        ("p90_ms".into(), json!(lat.p90)),
-        ("p99_ms".into(), json!(lat.p99)),
-        ("p999_ms".into(), json!(lat.p999)),
-        ("max_ms".into(), json!(lat.max)),
-        ("mean_ms".into(), json!(crate::round3(lat.mean))),
-        ("latency_samples".into(), json!(lat.count)),
-        (
-            "errors".into(),
-            json!(connect_errors + error_frames + send_errors + closed_early),
-        ),
-        (
-            "error_detail".into(),
-            json!({
-                "connect": connect_errors, "error_frames": error_frames,
-                "send": send_errors, "closed_early": closed_early,
-                "first_error_frame": *shared.first_error.lock().unwrap(),
-                "first_connect_error": first_connect_error,
-            }),
-        ),
-        ("ack_p50_ms".into(), Value::Null),
-        ("ack_p99_ms".into(), Value::Null),
-        ("send_lag_p50_ms".into(), json!(lag.p50)),
-        ("send_lag_p99_ms".into(), json!(lag.p99)),
-        ("send_lag_max_ms".into(), json!(lag.max)),
-        ("server_rss_start_bytes".into(), json!(rss_start)),
-        ("server_rss_bytes".into(), json!(rss_end)),
-        (
-            "rss_per_connection_bytes".into(),
-            json!((rss_end.saturating_sub(rss_start) as f64 / connected.max(1) as f64).round()),
-        ),
-        ("server_cpu_seconds".into(), json!(crate::round3(cpu))),
-        (
-            "delivered_per_server_cpu_second".into(),
-            if cpu > 0.0 {
-                json!((delivered as f64 / cpu).round())
-            } else {
-                Value::Null
-            },
-        ),
-        (
-            "measured_seconds".into(),
-            json!(crate::round3((drained - start).as_secs_f64())),
-        ),
-        (
-            "load_cpu_seconds".into(),
-            json!(crate::round3(load1.saturating_sub(load0) as f64 / tck)),
-        ),
-    ]);
-    if peer == Peer::Centrifugo {
-        obj.insert(
-            "note".into(),
-            json!(format!(
+    fn idle_note(self) -> String {
+        format!(
+            "{}: idle connections joined to groups of --group-size; rss_per_connection = \
+             (RSS 1 s after the last join - RSS 0.5 s after startup) / connections; \
+             server_cpu over the hold",
+            self.name()
+        )
+    }
+
+    fn traffic_note(self, sent: u64) -> Option<String> {
+        (self == Peer::Centrifugo).then(|| {
+            format!(
                 "centrifugo also delivers each publication back to its sender (no \
-                 broadcast-except-sender); those {} echoes are dropped by the client, not counted",
-                sent
-            )),
-        );
+                 broadcast-except-sender); those {sent} echoes are dropped by the client, not \
+                 counted"
+            )
+        })
     }
-    Ok(report)
 }
