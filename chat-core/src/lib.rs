@@ -63,7 +63,9 @@ pub mod testing;
 pub mod time;
 pub mod transport;
 
-pub use engine::{Chat, ChatBuilder, ChatConfig, CloseReason, Outbound, Session};
+pub use engine::{
+    Chat, ChatBuilder, ChatConfig, CloseReason, DirectWrite, Outbound, OutboundWaker, Session,
+};
 pub use error::{Error, ErrorCode, Result};
 pub use id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
 pub use presence::PresenceTracker;

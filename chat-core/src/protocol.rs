@@ -315,10 +315,22 @@ impl Frame {
         slot: usize,
         prepare: impl FnOnce(&Event) -> T,
     ) -> Option<T> {
+        self.prepared_ref(slot, prepare).cloned()
+    }
+
+    /// Like [`Frame::prepared`], by reference (for a transport that only needs to look at its
+    /// cached value, e.g. to write its bytes).
+    ///
+    /// # Panics
+    /// If `slot >= CODEC_SLOTS`.
+    pub fn prepared_ref<T: Send + Sync + 'static>(
+        &self,
+        slot: usize,
+        prepare: impl FnOnce(&Event) -> T,
+    ) -> Option<&T> {
         self.prepared[slot]
             .get_or_init(|| Box::new(prepare(&self.event)))
             .downcast_ref::<T>()
-            .cloned()
     }
 }
 

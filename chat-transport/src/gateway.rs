@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{AuthRequest, Authenticator};
 use crate::codec::Codec;
 use crate::metrics::{HttpLabels, Metrics};
-use crate::ws::{ConnectionParams, Ended, run_connection};
+use crate::ws::{ConnectionParams, Ended, run_connection, run_tcp_connection};
 
 /// The response type of the gateway service.
 pub type GatewayResponse = Response<Full<Bytes>>;
@@ -383,14 +383,34 @@ impl Gateway {
                     return;
                 }
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(ws_config),
-            )
-            .await;
             metrics.connections.inc();
-            let ended = run_connection(socket, session, outbound, params, metrics.clone()).await;
+            // A plain TCP socket (Gateway::serve, axum::serve, any hyper server on tokio's
+            // TcpStream) gets the direct write path; any other stream (TLS, tests) the queued
+            // one.
+            let ended = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let stream = parts.io.into_inner();
+                    run_tcp_connection(
+                        stream,
+                        parts.read_buf,
+                        ws_config,
+                        session,
+                        outbound,
+                        params,
+                        metrics.clone(),
+                    )
+                    .await
+                }
+                Err(upgraded) => {
+                    let socket = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config),
+                    )
+                    .await;
+                    run_connection(socket, session, outbound, params, metrics.clone()).await
+                }
+            };
             metrics.connections.dec();
             if ended != Ended::Client {
                 debug!(%user, ?ended, "connection closed by the server");

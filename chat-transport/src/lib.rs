@@ -37,6 +37,7 @@
 
 pub mod auth;
 pub mod codec;
+mod direct;
 mod gateway;
 pub mod metrics;
 pub mod ws;

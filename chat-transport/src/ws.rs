@@ -14,17 +14,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use chat_core::engine::Batch;
 use chat_core::{CloseReason, Event, Outbound, Session};
 use futures::{Sink, SinkExt, Stream, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::codec::Codec;
+use crate::direct::{ReadSide, TcpWriter, direct_write_loop};
 use crate::metrics::Metrics;
 
 /// Close code: the server needs the client to reconnect and `sync`.
@@ -35,7 +42,7 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
 pub const CLOSE_PING_TIMEOUT: u16 = 4002;
 
 /// The writer records the fan-out latency of one batch in this many.
-const LATENCY_SAMPLE_EVERY: u32 = 8;
+pub(crate) const LATENCY_SAMPLE_EVERY: u32 = 8;
 
 /// Per-connection settings.
 #[derive(Clone, Copy, Debug)]
@@ -67,7 +74,7 @@ pub enum Ended {
 
 /// What the reader and the writer of one connection share.
 #[derive(Debug)]
-struct ConnState {
+pub(crate) struct ConnState {
     base: Instant,
     /// Milliseconds since `base` of the last inbound frame.
     ms: AtomicU64,
@@ -87,7 +94,12 @@ impl ConnState {
         self.ms
             .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    fn idle(&self) -> Duration {
+    /// The close code the reader asked for (0: none).
+    pub(crate) fn close_code(&self) -> u16 {
+        self.close_code.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn idle(&self) -> Duration {
         self.base
             .elapsed()
             .saturating_sub(Duration::from_millis(self.ms.load(Ordering::Relaxed)))
@@ -117,6 +129,67 @@ where
         done.clone(),
         metrics.clone(),
     ));
+    read_until_end(stream, writer, session, params, state, done, metrics).await
+}
+
+/// Runs one connection on a plain TCP socket (`pre`: bytes read past the upgrade request)
+/// with the direct write path (see the `direct` module): frames are written by the task that
+/// produced them when the socket has room, and by the connection's writer task otherwise.
+/// Returns why it ended; the session is closed before this returns.
+pub async fn run_tcp_connection(
+    stream: TcpStream,
+    pre: Bytes,
+    config: WebSocketConfig,
+    session: Session,
+    outbound: Outbound,
+    params: ConnectionParams,
+    metrics: Arc<Metrics>,
+) -> Ended {
+    let (read, write) = stream.into_split();
+    let writer = Arc::new(TcpWriter::new(
+        write,
+        params.codec,
+        session.outbound_waker(),
+        frames_counter(&metrics, "out", params.codec),
+        metrics.fanout_latency.clone(),
+    ));
+    session.set_direct_write(writer.clone());
+    let socket = WebSocketStream::from_raw_socket(
+        ReadSide {
+            pre,
+            read,
+            writer: writer.clone(),
+        },
+        Role::Server,
+        Some(config),
+    )
+    .await;
+    let state = Arc::new(ConnState::new());
+    let done = CancellationToken::new();
+    let task = tokio::spawn(direct_write_loop(
+        writer,
+        outbound,
+        params,
+        state.clone(),
+        done.clone(),
+        metrics.clone(),
+    ));
+    read_until_end(socket, task, session, params, state, done, metrics).await
+}
+
+/// The reader side of a connection, then its end: stops the writer, closes the session.
+async fn read_until_end<R>(
+    stream: R,
+    mut writer: tokio::task::JoinHandle<Ended>,
+    session: Session,
+    params: ConnectionParams,
+    state: Arc<ConnState>,
+    done: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Ended
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     let read_end = read_loop(stream, &session, params, &state, &done, &metrics).await;
     // Stop the writer (through the same wait that brings it frames): with a close frame for an
     // oversized frame, else without one. An engine close already requested wins.
@@ -124,7 +197,6 @@ where
         state.close_code.store(1009, Ordering::Relaxed);
     }
     session.request_close(CloseReason::Disconnected);
-    let mut writer = writer;
     let write_end = match tokio::time::timeout(params.write_timeout, &mut writer).await {
         Ok(r) => r.unwrap_or(Ended::Client),
         Err(_) => {
@@ -139,6 +211,17 @@ where
         (_, Ended::Client) => read_end,
         (_, w) => w,
     }
+}
+
+/// The frame counter of one direction and codec.
+fn frames_counter(metrics: &Metrics, direction: &'static str, codec: Codec) -> Counter {
+    metrics
+        .frames
+        .get_or_create(&crate::metrics::FrameLabels {
+            direction,
+            codec: codec_name(codec),
+        })
+        .clone()
 }
 
 async fn read_loop<R>(
@@ -157,13 +240,7 @@ where
     let cancelled = done.cancelled();
     tokio::pin!(cancelled);
     let codec = params.codec;
-    let frames_in = metrics
-        .frames
-        .get_or_create(&crate::metrics::FrameLabels {
-            direction: "in",
-            codec: codec_name(codec),
-        })
-        .clone();
+    let frames_in = frames_counter(metrics, "in", codec);
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
@@ -208,19 +285,51 @@ where
     }
 }
 
-/// The WebSocket message for a frame, built once per codec and shared by every recipient
-/// (the per-recipient cost is a reference-count increment: no encoding, no UTF-8 check).
-fn to_message(codec: Codec, frame: &chat_core::Frame) -> Option<Message> {
+/// A frame ready to send in one codec: built once per frame and codec, shared by every
+/// recipient (no encoding, no UTF-8 check, no copy per recipient).
+#[derive(Debug)]
+struct Prepared {
+    /// For writers that go through tokio-tungstenite (a clone is a reference-count increment).
+    message: Message,
+    /// The whole WebSocket frame (server frames are unmasked), for the direct path.
+    wire: Bytes,
+}
+
+fn prepared(codec: Codec, frame: &chat_core::Frame) -> Option<&Prepared> {
     frame
-        .prepared(codec.slot(), |_| {
-            let bytes = codec.encode_frame(frame);
-            if codec.is_binary() {
-                Some(Message::Binary(bytes))
+        .prepared_ref(codec.slot(), |_| {
+            let payload = codec.encode_frame(frame);
+            let (message, data) = if codec.is_binary() {
+                (Message::Binary(payload.clone()), Data::Binary)
             } else {
-                Utf8Bytes::try_from(bytes).ok().map(Message::Text)
-            }
-        })
-        .flatten()
+                (
+                    Message::Text(Utf8Bytes::try_from(payload.clone()).ok()?),
+                    Data::Text,
+                )
+            };
+            let header = FrameHeader {
+                opcode: OpCode::Data(data),
+                ..FrameHeader::default()
+            };
+            let mut wire = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
+            header.format(payload.len() as u64, &mut wire).ok()?;
+            wire.extend_from_slice(&payload);
+            Some(Prepared {
+                message,
+                wire: wire.into(),
+            })
+        })?
+        .as_ref()
+}
+
+/// The WebSocket message for a frame (see [`Prepared`]).
+fn to_message(codec: Codec, frame: &chat_core::Frame) -> Option<Message> {
+    prepared(codec, frame).map(|p| p.message.clone())
+}
+
+/// The wire bytes of a frame (see [`Prepared`]).
+pub(crate) fn wire(codec: Codec, frame: &chat_core::Frame) -> Option<&Bytes> {
+    prepared(codec, frame).map(|p| &p.wire)
 }
 
 async fn write_loop<W>(
@@ -244,13 +353,7 @@ where
     // (this loop runs for every fan-out frame: its bookkeeping is on the hot path).
     let deadline = tokio::time::sleep(params.write_timeout);
     tokio::pin!(deadline);
-    let frames_out = metrics
-        .frames
-        .get_or_create(&crate::metrics::FrameLabels {
-            direction: "out",
-            codec: codec_name(codec),
-        })
-        .clone();
+    let frames_out = frames_counter(&metrics, "out", codec);
     let mut batches: u32 = 0;
     let ended = loop {
         tokio::select! {

@@ -542,6 +542,90 @@ async fn a_slow_consumer_is_cut_while_others_keep_receiving() {
 }
 
 #[tokio::test]
+async fn a_reader_that_pauses_gets_every_frame_in_order_and_intact() {
+    // Frames are written directly by the sending task while the socket has room and queued for
+    // the writer task once it is full; the switch back and forth must never reorder, split or
+    // drop a frame, and control frames (pongs) must slot in between whole frames.
+    let s = Server::start_with(
+        |c| {
+            c.rate_limit = None;
+            c.outbound_queue = 100_000;
+            c.max_message_bytes = 64 * 1024;
+        },
+        |_| {},
+        Arc::new(chat_transport::auth::DevAuth),
+    )
+    .await;
+    let conv = s.conversation("alice", "group", &["paused"]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(s.addr).await.unwrap();
+    let (mut paused, _) = tokio_tungstenite::client_async(s.ws_url("user=paused"), tcp)
+        .await
+        .unwrap();
+    let mut alice = s.ws("alice").await;
+    const N: usize = 400;
+    // Sizes vary so frame boundaries fall at every offset of the socket's buffer.
+    let body = |i: usize| format!("{i}:{}", "y".repeat(1000 + (i * 997) % 12_000));
+    for i in 0..N {
+        alice.send_message(&conv, &format!("m{i}"), &body(i)).await;
+    }
+    // A ping while the server's side is backed up (the socket is full by now): the pong waits
+    // its turn behind whole frames.
+    paused
+        .send(Message::Ping(b"hi".to_vec().into()))
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    let mut pongs = 0;
+    while seqs.len() < N {
+        let msg = tokio::time::timeout(WAIT, paused.next())
+            .await
+            .expect("paused reader starved")
+            .expect("socket ended")
+            .expect("a valid frame");
+        match msg {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "message" {
+                    let seq = v["message"]["seq"].as_u64().unwrap() as usize;
+                    assert_eq!(
+                        v["message"]["content"],
+                        body(seq - 1),
+                        "frame {seq} damaged"
+                    );
+                    seqs.push(seq);
+                }
+            }
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"hi");
+                pongs += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    assert_eq!(pongs, 1, "the pong went missing");
+    assert_eq!(s.chat.stats().slow_consumers, 0);
+    // And the direct path is open again: a later message arrives at once.
+    alice.send_message(&conv, "late", "after the backlog").await;
+    loop {
+        let msg = tokio::time::timeout(WAIT, paused.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "message" {
+                assert_eq!(v["message"]["content"], "after the backlog");
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_zombie_that_stops_answering_pings_is_reaped_and_shown_offline() {
     let s = Server::start_with(
         |c| c.presence.offline_debounce = Duration::from_millis(300),

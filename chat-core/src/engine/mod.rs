@@ -18,6 +18,6 @@ mod typing;
 
 pub use chat::{Chat, ChatBuilder};
 pub use config::ChatConfig;
-pub use registry::CloseReason;
+pub use registry::{CloseReason, DirectWrite, OutboundWaker};
 pub use session::{Batch, Outbound, Session};
 pub use stats::StatsSnapshot;

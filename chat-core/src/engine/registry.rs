@@ -71,6 +71,30 @@ pub(crate) struct ConnHandle {
     queue: mpsc::UnboundedSender<Out>,
     /// The queue's bounds and the close request (one allocation: every delivery touches it).
     pub(crate) shared: Arc<ConnShared>,
+    /// The transport's synchronous write path, if it registered one.
+    direct: OnceLock<Arc<dyn DirectWrite>>,
+}
+
+/// A transport's synchronous write path for one connection, registered with
+/// [`Session::set_direct_write`](crate::Session::set_direct_write).
+///
+/// Without one, every frame for a connection goes through its [`Outbound`](crate::Outbound)
+/// queue and the transport's writer task: one task wake-up per frame. With one, the engine
+/// first offers each frame to the transport, which writes it on the spot when its socket has
+/// room and nothing is pending, and otherwise hands it back to the queue. Order is the
+/// transport's to keep: once anything is pending (queued frames, a partly written frame), it
+/// must queue every further frame until its writer has drained the queue and found it empty
+/// under the same lock (see [`Outbound::is_empty`](crate::Outbound::is_empty)).
+pub trait DirectWrite: Send + Sync + std::fmt::Debug + 'static {
+    /// Writes `frame` now, or calls `queue(frame)` (while holding whatever makes the choice
+    /// atomic with respect to the writer going idle) and returns its result. `true`: the frame
+    /// was taken (written, owned by the transport to finish, queued, or dropped because the
+    /// connection is closing); `false`: `queue` refused it (the connection is a slow consumer).
+    fn write_or_queue(
+        &self,
+        frame: &Arc<Frame>,
+        queue: &mut dyn FnMut(&Arc<Frame>) -> bool,
+    ) -> bool;
 }
 
 /// What a connection's engine side and its [`Outbound`] share.
@@ -131,14 +155,24 @@ impl ConnHandle {
                 user,
                 queue: tx,
                 shared,
+                direct: OnceLock::new(),
             },
             outbound,
         )
     }
 
+    /// Delivers a fan-out frame (written directly or queued); false when the connection
+    /// already has its most fan-out frames queued (slow consumer).
+    fn push(&self, frame: &Arc<Frame>) -> bool {
+        match self.direct.get() {
+            Some(direct) => direct.write_or_queue(frame, &mut |f| self.queue_live(f)),
+            None => self.queue_live(frame),
+        }
+    }
+
     /// Queues a fan-out frame; false when the connection already has its most fan-out frames
     /// queued (slow consumer).
-    fn push(&self, frame: &Arc<Frame>) -> bool {
+    fn queue_live(&self, frame: &Arc<Frame>) -> bool {
         let shared = &self.shared;
         if shared.live.fetch_add(1, Ordering::AcqRel) >= shared.live_max {
             shared.took_live();
@@ -158,9 +192,31 @@ impl ConnHandle {
         let Ok(permit) = self.shared.reply_permits.acquire().await else {
             return false;
         };
-        // The reader gives the slot back when it takes the frame.
-        permit.forget();
-        self.queue.send(Out::Reply(frame)).is_ok()
+        let Some(direct) = self.direct.get() else {
+            // The reader gives the slot back when it takes the frame.
+            permit.forget();
+            return self.queue.send(Out::Reply(frame)).is_ok();
+        };
+        let mut permit = Some(permit);
+        // Written directly: the slot is free again as soon as `permit` drops.
+        direct.write_or_queue(&frame, &mut |f| {
+            if let Some(p) = permit.take() {
+                p.forget();
+            }
+            self.queue.send(Out::Reply(f.clone())).is_ok()
+        })
+    }
+
+    /// Registers the transport's direct write path (once).
+    pub(crate) fn set_direct_write(&self, direct: Arc<dyn DirectWrite>) -> bool {
+        self.direct.set(direct).is_ok()
+    }
+
+    /// A handle that wakes the connection's writer (see [`OutboundWaker`]).
+    pub(crate) fn outbound_waker(&self) -> OutboundWaker {
+        OutboundWaker {
+            queue: self.queue.downgrade(),
+        }
     }
 
     pub(crate) fn request_close(&self, reason: CloseReason) {
@@ -172,6 +228,24 @@ impl ConnHandle {
 
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         self.shared.reason()
+    }
+}
+
+/// Wakes a connection's writer: [`Outbound::recv_batch`](crate::Outbound::recv_batch) returns
+/// (with `Batch::Frames(0)` when nothing else is there). For a transport's [`DirectWrite`]
+/// that left work for its writer (a partly written frame). It does not keep the connection's
+/// queue open.
+#[derive(Clone, Debug)]
+pub struct OutboundWaker {
+    queue: mpsc::WeakUnboundedSender<Out>,
+}
+
+impl OutboundWaker {
+    /// Wakes the writer; false when the connection is gone.
+    pub fn wake(&self) -> bool {
+        self.queue
+            .upgrade()
+            .is_some_and(|q| q.send(Out::Wake).is_ok())
     }
 }
 
@@ -377,35 +451,44 @@ impl Registry {
         except_user: Option<&UserId>,
         except_conn: Option<ConnectionId>,
     ) -> Delivery {
-        let s = self.read();
-        let mut out = Delivery::default();
-        let mut to_user = |entry: &UserEntry| {
-            for conn in &entry.conns {
-                if Some(conn.id) != except_conn {
-                    out.push(conn, frame);
+        // Collect under the read lock, deliver after it: delivery may write to sockets (a
+        // transport's direct path), which must not hold up connects and disconnects.
+        let mut targets: Vec<Arc<ConnHandle>> = Vec::new();
+        {
+            let s = self.read();
+            let to_user = |targets: &mut Vec<Arc<ConnHandle>>, entry: &UserEntry| {
+                for conn in &entry.conns {
+                    if Some(conn.id) != except_conn {
+                        targets.push(conn.clone());
+                    }
                 }
-            }
-        };
-        match topic {
-            Topic::Conversation(c) => {
-                if let Some(members) = s.conversations.get(c) {
-                    for u in members {
-                        if Some(u) == except_user {
-                            continue;
-                        }
-                        if let Some(entry) = s.users.get(u) {
-                            to_user(entry);
+            };
+            match topic {
+                Topic::Conversation(c) => {
+                    if let Some(members) = s.conversations.get(c) {
+                        targets.reserve(members.len());
+                        for u in members {
+                            if Some(u) == except_user {
+                                continue;
+                            }
+                            if let Some(entry) = s.users.get(u) {
+                                to_user(&mut targets, entry);
+                            }
                         }
                     }
                 }
-            }
-            Topic::User(u) => {
-                if Some(u) != except_user
-                    && let Some(entry) = s.users.get(u)
-                {
-                    to_user(entry);
+                Topic::User(u) => {
+                    if Some(u) != except_user
+                        && let Some(entry) = s.users.get(u)
+                    {
+                        to_user(&mut targets, entry);
+                    }
                 }
             }
+        }
+        let mut out = Delivery::default();
+        for conn in &targets {
+            out.push(conn, frame);
         }
         out
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
 use super::Chat;
-use super::registry::{CloseReason, ConnHandle, ConnShared, Out};
+use super::registry::{CloseReason, ConnHandle, ConnShared, DirectWrite, Out, OutboundWaker};
 use crate::error::Result;
 use crate::id::{ConnectionId, UserId};
 use crate::protocol::{Command, Event, Frame};
@@ -94,6 +94,18 @@ impl Session {
         self.conn.request_close(reason);
     }
 
+    /// Registers the transport's synchronous write path for this connection (see
+    /// [`DirectWrite`]); false if one is registered already.
+    pub fn set_direct_write(&self, direct: Arc<dyn DirectWrite>) -> bool {
+        self.conn.set_direct_write(direct)
+    }
+
+    /// A handle that wakes this connection's writer (for a [`DirectWrite`] that left work for
+    /// it).
+    pub fn outbound_waker(&self) -> OutboundWaker {
+        self.conn.outbound_waker()
+    }
+
     /// Disconnects: leaves the registry, tells presence. Idempotent with `Drop`.
     pub async fn close(self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
@@ -131,7 +143,8 @@ pub struct Outbound {
 /// What [`Outbound::recv_batch`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Batch {
-    /// This many frames were appended to the buffer.
+    /// This many frames were appended to the buffer (0: the writer was woken with nothing to
+    /// take, see [`OutboundWaker`]).
     Frames(usize),
     /// The connection is to be closed, for this reason (also [`Session::close_reason`]).
     CloseRequested(CloseReason),
@@ -164,18 +177,20 @@ impl Outbound {
     /// [`CloseReason::Shutdown`]); otherwise takes every ready frame up to `limit` into `buf`.
     /// This is the writer's only wait: no separate close future is polled per batch.
     pub async fn recv_batch(&mut self, buf: &mut Vec<Arc<Frame>>, limit: usize) -> Batch {
-        loop {
-            if let Some(reason) = self.shared.reason() {
-                return Batch::CloseRequested(reason);
-            }
-            match self.queue.recv().await {
-                None => return Batch::Ended,
-                Some(item) => {
-                    if let Some(first) = self.frame(item) {
-                        buf.push(first);
-                        break;
-                    }
-                }
+        if let Some(reason) = self.shared.reason() {
+            return Batch::CloseRequested(reason);
+        }
+        let Some(item) = self.queue.recv().await else {
+            return Batch::Ended;
+        };
+        match self.frame(item) {
+            Some(first) => buf.push(first),
+            // A wake-up: a close request, or work the transport left for its writer.
+            None => {
+                return match self.shared.reason() {
+                    Some(reason) => Batch::CloseRequested(reason),
+                    None => Batch::Frames(0),
+                };
             }
         }
         let mut n = 1;
@@ -191,9 +206,22 @@ impl Outbound {
         Batch::Frames(n)
     }
 
+    /// A token cancelled once the connection is asked to close (a child of the connection's
+    /// own: cancelling it affects nothing else). For writers that wait on it while they hold
+    /// `&mut self` elsewhere.
+    pub fn close_signal(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.token.child_token()
+    }
+
     /// Resolves once the connection is asked to close (for a writer blocked on a full socket).
     pub async fn close_requested(&self) {
         self.shared.token.cancelled().await;
+    }
+
+    /// True when no frame (and no wake-up) is queued. A transport with a [`DirectWrite`] checks
+    /// it under its own lock before it lets the engine write directly again.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 
     /// Why the connection is to be closed, once it is.
