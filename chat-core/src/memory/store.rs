@@ -1,12 +1,15 @@
 //! In-memory [`MessageStore`]: the embedded default.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use foldhash::fast::RandomState;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use async_trait::async_trait;
 
@@ -286,7 +289,7 @@ impl MemoryStore {
             conversations: (0..SHARDS).map(|_| RwLock::default()).collect(),
             users: (0..SHARDS).map(|_| Mutex::default()).collect(),
             directs: Mutex::default(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 
