@@ -2,8 +2,11 @@
 //!
 //! A transport accepts connections, authenticates them, decodes [`Command`](crate::Command)s
 //! into [`Session::handle`](crate::Session::handle) and encodes what the session's
-//! [`Outbound`](crate::Outbound) receiver yields. Implementations: [`crate::memory::InProcessTransport`]
-//! (tests and embedded hosts, no sockets), `chat_transport::Gateway` (WebSocket + HTTP).
+//! [`Outbound`](crate::Outbound) receiver yields. A transport that can write without waiting
+//! (a socket with room) may also register a [`DirectWrite`](crate::DirectWrite) per session,
+//! so frames are written by the task that produced them and only queued when the socket is
+//! full. Implementations: [`crate::memory::InProcessTransport`] (tests and embedded hosts, no
+//! sockets), `chat_transport::Gateway` (WebSocket + HTTP, with a direct path on TCP).
 
 use std::fmt::Debug;
 use std::sync::Arc;
