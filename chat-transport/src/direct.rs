@@ -275,6 +275,9 @@ impl AsyncRead for ReadSide {
             let n = self.pre.len().min(buf.remaining());
             let chunk = self.pre.split_to(n);
             buf.put_slice(&chunk);
+            if self.pre.is_empty() {
+                self.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.read).poll_read(cx, buf)
@@ -320,7 +323,8 @@ pub(crate) async fn direct_write_loop(
     done: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> Ended {
-    let mut batch: Vec<Arc<Frame>> = Vec::with_capacity(params.write_batch);
+    // Only used when frames had to be queued: allocated then.
+    let mut batch: Vec<Arc<Frame>> = Vec::new();
     let mut ping = tokio::time::interval(params.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
@@ -349,7 +353,7 @@ pub(crate) async fn direct_write_loop(
             Drained::Failed => break Ended::Client,
             Drained::CloseRequested => {
                 let reason = outbound.close_reason().unwrap_or(CloseReason::Shutdown);
-                break direct_close(
+                break Box::pin(direct_close(
                     &w,
                     &mut outbound,
                     &mut batch,
@@ -357,7 +361,7 @@ pub(crate) async fn direct_write_loop(
                     params,
                     &state,
                     &metrics,
-                )
+                ))
                 .await;
             }
         }
@@ -366,7 +370,9 @@ pub(crate) async fn direct_write_loop(
             got = outbound.recv_batch(&mut batch, params.write_batch) => match got {
                 Batch::Ended => break Ended::Client,
                 Batch::CloseRequested(reason) => {
-                    break direct_close(&w, &mut outbound, &mut batch, reason, params, &state, &metrics).await;
+                    // Boxed (here and above): closing runs once, and its futures would otherwise
+                    // take room in every idle writer's task.
+                    break Box::pin(direct_close(&w, &mut outbound, &mut batch, reason, params, &state, &metrics)).await;
                 }
                 // Frames (in `batch`) or a wake-up for pending bytes: the loop drains them.
                 Batch::Frames(_) => w.take(),
@@ -374,7 +380,7 @@ pub(crate) async fn direct_write_loop(
             _ = ping.tick() => {
                 if state.idle() >= reap_after {
                     metrics.zombies_reaped.inc();
-                    let _ = finish_with_close(&w, Some((CLOSE_PING_TIMEOUT, "ping timeout")), params.write_timeout).await;
+                    let _ = Box::pin(finish_with_close(&w, Some((CLOSE_PING_TIMEOUT, "ping timeout")), params.write_timeout)).await;
                     break Ended::PingTimeout;
                 }
                 w.take();

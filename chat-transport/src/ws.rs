@@ -145,6 +145,16 @@ pub async fn run_tcp_connection(
     params: ConnectionParams,
     metrics: Arc<Metrics>,
 ) -> Ended {
+    // `pre` is a view into hyper's whole read buffer (8 KiB): keep only its bytes, and let
+    // the buffer go now (a shadowed binding would live as long as the connection).
+    let pre = {
+        let view = pre;
+        if view.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&view)
+        }
+    };
     let (read, write) = stream.into_split();
     let writer = Arc::new(TcpWriter::new(
         write,
@@ -344,7 +354,8 @@ where
     W: Sink<Message, Error = WsError> + Unpin,
 {
     let codec = params.codec;
-    let mut batch = Vec::with_capacity(params.write_batch);
+    // Grows to the largest batch seen (most connections never batch more than a few frames).
+    let mut batch = Vec::new();
     let mut ping = tokio::time::interval(params.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
