@@ -183,12 +183,18 @@ impl DirectWrite for TcpWriter {
         &self,
         frame: &Arc<Frame>,
         queue: &mut dyn FnMut(&Arc<Frame>) -> bool,
+        may_write: bool,
     ) -> bool {
         let mut st = self.lock();
         if st.closed {
             return true;
         }
         if st.busy {
+            return queue(frame);
+        }
+        if !may_write {
+            // The queue's push wakes the writer, which takes it from here.
+            st.busy = true;
             return queue(frame);
         }
         let Some(wire) = crate::ws::wire(self.codec, frame) else {

@@ -66,7 +66,7 @@ pub(crate) struct Inner {
     user_locks: Vec<AsyncMutex<()>>,
     /// Serializes append + local fan-out per conversation (striped), so that on one node every
     /// recipient gets a conversation's messages in seq order, whoever sent them.
-    conversation_locks: Vec<AsyncMutex<()>>,
+    conversation_locks: Vec<OrderLock>,
     /// Cancelled by [`Chat::shutdown`]; background tasks and transports watch it.
     shutdown: CancellationToken,
     /// Counters for `/metrics`.
@@ -169,7 +169,7 @@ impl ChatBuilder {
                 .map(|_| AsyncMutex::new(()))
                 .collect(),
             conversation_locks: (0..CONVERSATION_LOCK_STRIPES)
-                .map(|_| AsyncMutex::new(()))
+                .map(|_| OrderLock::default())
                 .collect(),
             push: push.as_ref().map(|(tx, _, _)| tx.clone()),
             config,
@@ -371,9 +371,10 @@ impl Chat {
         let inner = &self.inner;
         let envelope_event = inner.router.is_distributed().then(|| event.clone());
         let frame = Arc::new(Frame::new(event));
-        let delivery = inner
-            .registry
-            .deliver(&topic, &frame, except_user.as_ref(), except_conn);
+        let delivery =
+            inner
+                .registry
+                .deliver(&topic, &frame, except_user.as_ref(), except_conn, true);
         self.close_slow(delivery);
         if let Some(event) = envelope_event {
             self.publish(topic, event, except_user, except_conn).await;
@@ -593,10 +594,9 @@ impl Chat {
         }
         // Append and local fan-out in one critical section per conversation: seqs are assigned
         // in the same order as frames are queued to local recipients.
-        let order = inner.conversation_locks
-            [(conversation.get() % CONVERSATION_LOCK_STRIPES as u64) as usize]
-            .lock()
-            .await;
+        let stripe = &inner.conversation_locks
+            [(conversation.get() % CONVERSATION_LOCK_STRIPES as u64) as usize];
+        let order = stripe.lock().await;
         let message_id = inner.ids.message_id();
         let appended = inner
             .store
@@ -632,7 +632,12 @@ impl Chat {
         let envelope_event = inner.router.is_distributed().then(|| event.clone());
         let frame = Arc::new(Frame::new(event));
         let topic = Topic::Conversation(conversation);
-        let delivery = inner.registry.deliver(&topic, &frame, None, Some(conn.id));
+        // Write to the sockets on the spot unless other sends to this conversation wait for
+        // this one: then the connections' writer tasks take over (in parallel, batched).
+        let may_write = !stripe.contended();
+        let delivery = inner
+            .registry
+            .deliver(&topic, &frame, None, Some(conn.id), may_write);
         drop(order);
         self.close_slow(delivery);
         // Durable (append returned): only now does the sender hear about it.
@@ -1061,6 +1066,34 @@ fn presence_event(p: Presence) -> Event {
     }
 }
 
+/// A conversation stripe's send-order lock, which knows whether anyone waits for it.
+#[derive(Debug, Default)]
+struct OrderLock {
+    lock: AsyncMutex<()>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl OrderLock {
+    async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        /// Counts a waiter until it holds the lock (or gives up: dropped futures count off too).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        self.lock.lock().await
+    }
+
+    /// Another send waits for this stripe.
+    fn contended(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+}
+
 // ---------------------------------------------------------------------- background tasks
 
 async fn router_loop(
@@ -1083,11 +1116,14 @@ async fn router_loop(
                     except_connection,
                 } => {
                     let frame = Arc::new(Frame::new(event.clone()));
+                    // With a backlog in the inbox, leave the writes to the writer tasks.
+                    let may_write = inbox.is_empty();
                     let delivery = chat.inner.registry.deliver(
                         &envelope.topic,
                         &frame,
                         except_user.as_ref(),
                         *except_connection,
+                        may_write,
                     );
                     chat.close_slow(delivery);
                 }

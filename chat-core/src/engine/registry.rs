@@ -90,10 +90,16 @@ pub trait DirectWrite: Send + Sync + std::fmt::Debug + 'static {
     /// atomic with respect to the writer going idle) and returns its result. `true`: the frame
     /// was taken (written, owned by the transport to finish, queued, or dropped because the
     /// connection is closing); `false`: `queue` refused it (the connection is a slow consumer).
+    ///
+    /// `may_write: false` asks for the queue even when the socket is idle: the engine is under
+    /// load (other sends wait for this fan-out to finish), and handing the writes to the
+    /// connections' writer tasks spreads them over the runtime's threads and lets each writer
+    /// batch several frames per system call. The transport must then queue, keeping order.
     fn write_or_queue(
         &self,
         frame: &Arc<Frame>,
         queue: &mut dyn FnMut(&Arc<Frame>) -> bool,
+        may_write: bool,
     ) -> bool;
 }
 
@@ -161,11 +167,12 @@ impl ConnHandle {
         )
     }
 
-    /// Delivers a fan-out frame (written directly or queued); false when the connection
-    /// already has its most fan-out frames queued (slow consumer).
-    fn push(&self, frame: &Arc<Frame>) -> bool {
+    /// Delivers a fan-out frame (written directly when `may_write` and the transport can, else
+    /// queued); false when the connection already has its most fan-out frames queued (slow
+    /// consumer).
+    fn push(&self, frame: &Arc<Frame>, may_write: bool) -> bool {
         match self.direct.get() {
-            Some(direct) => direct.write_or_queue(frame, &mut |f| self.queue_live(f)),
+            Some(direct) => direct.write_or_queue(frame, &mut |f| self.queue_live(f), may_write),
             None => self.queue_live(frame),
         }
     }
@@ -199,12 +206,16 @@ impl ConnHandle {
         };
         let mut permit = Some(permit);
         // Written directly: the slot is free again as soon as `permit` drops.
-        direct.write_or_queue(&frame, &mut |f| {
-            if let Some(p) = permit.take() {
-                p.forget();
-            }
-            self.queue.send(Out::Reply(f.clone())).is_ok()
-        })
+        direct.write_or_queue(
+            &frame,
+            &mut |f| {
+                if let Some(p) = permit.take() {
+                    p.forget();
+                }
+                self.queue.send(Out::Reply(f.clone())).is_ok()
+            },
+            true,
+        )
     }
 
     /// Registers the transport's direct write path (once).
@@ -290,8 +301,8 @@ pub(crate) struct Delivery {
 }
 
 impl Delivery {
-    fn push(&mut self, conn: &Arc<ConnHandle>, frame: &Arc<Frame>) {
-        if conn.push(frame) {
+    fn push(&mut self, conn: &Arc<ConnHandle>, frame: &Arc<Frame>, may_write: bool) {
+        if conn.push(frame, may_write) {
             self.delivered += 1;
         } else {
             self.slow.push(conn.clone());
@@ -443,13 +454,15 @@ impl Registry {
             .is_some_and(|e| e.conversations.contains(&conversation))
     }
 
-    /// Queues `frame` for the local connections behind `topic`, minus the exceptions.
+    /// Delivers `frame` to the local connections behind `topic`, minus the exceptions.
+    /// `may_write`: see [`DirectWrite::write_or_queue`].
     pub(crate) fn deliver(
         &self,
         topic: &Topic,
         frame: &Arc<Frame>,
         except_user: Option<&UserId>,
         except_conn: Option<ConnectionId>,
+        may_write: bool,
     ) -> Delivery {
         // Collect under the read lock, deliver after it: delivery may write to sockets (a
         // transport's direct path), which must not hold up connects and disconnects.
@@ -488,7 +501,7 @@ impl Registry {
         }
         let mut out = Delivery::default();
         for conn in &targets {
-            out.push(conn, frame);
+            out.push(conn, frame, may_write);
         }
         out
     }
@@ -500,7 +513,7 @@ impl Registry {
         if let Some(ids) = s.watchers.get(user) {
             for id in ids {
                 if let Some(conn) = s.conns.get(id) {
-                    out.push(conn, frame);
+                    out.push(conn, frame, true);
                 }
             }
         }
