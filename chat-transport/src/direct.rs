@@ -535,3 +535,100 @@ fn control_frame(frame: WsFrame) -> Bytes {
     let _ = frame.format(&mut out);
     out.into()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A writer on a real loopback socket, plus its engine session (for the waker).
+    async fn writer() -> (Arc<TcpWriter>, tokio::net::TcpStream, chat_core::Session) {
+        let chat = chat_core::Chat::builder().build().await.unwrap();
+        let (session, _outbound) = chat.connect(chat_core::UserId::from("a")).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_read, write) = server.into_split();
+        let w = Arc::new(TcpWriter::new(
+            write,
+            Codec::Json,
+            session.outbound_waker(),
+            Counter::default(),
+            Histogram::new([0.1]),
+        ));
+        (w, client, session)
+    }
+
+    fn frame(n: u64) -> Arc<Frame> {
+        Arc::new(Frame::new(chat_core::Event::Typing {
+            conversation_id: chat_core::ConversationId::from_raw(n),
+            user_id: chat_core::UserId::from("u"),
+        }))
+    }
+
+    #[tokio::test]
+    async fn once_anything_is_queued_every_later_frame_is_queued_until_the_writer_hands_back() {
+        let (w, _client, _session) = writer().await;
+        let queued = std::sync::Mutex::new(Vec::new());
+        let mut queue = |f: &Arc<Frame>| {
+            queued.lock().unwrap().push(f.clone());
+            true
+        };
+        // Busy from the start: whatever the engine queued before registration goes first.
+        assert!(w.write_or_queue(&frame(1), &mut queue, true));
+        assert_eq!(queued.lock().unwrap().len(), 1);
+        // The writer drained the queue and hands the socket back.
+        assert!(w.try_idle(|| true));
+        // Idle and allowed: written directly, not queued.
+        assert!(w.write_or_queue(&frame(2), &mut queue, true));
+        assert_eq!(queued.lock().unwrap().len(), 1);
+        // The engine asks for the queue (under load): queued, and the connection turns busy,
+        assert!(w.write_or_queue(&frame(3), &mut queue, false));
+        // so a later frame that may be written directly still queues behind it.
+        assert!(w.write_or_queue(&frame(4), &mut queue, true));
+        let ids: Vec<_> = queued
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|f| match f.event() {
+                chat_core::Event::Typing {
+                    conversation_id, ..
+                } => conversation_id.get(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(ids, vec![1, 3, 4]);
+        // The writer cannot hand back while its queue is not empty.
+        assert!(!w.try_idle(|| false));
+        assert!(w.try_idle(|| true));
+        // Closed: frames are dropped, not queued, and control writes fail.
+        let _ = w.close();
+        assert!(w.write_or_queue(&frame(5), &mut queue, true));
+        assert_eq!(queued.lock().unwrap().len(), 3);
+        assert!(w.write_control(b"x").is_err());
+    }
+
+    #[tokio::test]
+    async fn control_frames_wait_behind_pending_bytes_and_are_bounded() {
+        let (w, _client, _session) = writer().await;
+        assert!(w.try_idle(|| true));
+        // Busy (something queued): a pong is kept, in order, not written.
+        w.take();
+        assert_eq!(w.write_control(b"pong").unwrap(), 4);
+        assert_eq!(w.take_pending().as_deref(), Some(&b"pong"[..]));
+        assert_eq!(w.take_pending(), None);
+        // A client flooding pings while not reading cannot grow the backlog without bound.
+        let big = vec![0u8; 1024];
+        let mut failed = false;
+        for _ in 0..(MAX_PENDING_CONTROL / 1024 + 2) {
+            if w.write_control(&big).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "control backlog unbounded");
+    }
+}
