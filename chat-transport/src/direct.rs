@@ -35,9 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
 use crate::metrics::Metrics;
-use crate::ws::{
-    CLOSE_PING_TIMEOUT, CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnState, ConnectionParams, Ended,
-};
+use crate::ws::{CLOSE_PING_TIMEOUT, Closing, ConnState, ConnectionParams, Ended};
 
 /// Most bytes of control frames (pongs, close replies) the reader may leave waiting behind
 /// queued data; beyond it the connection is failed (a client flooding pings while not reading).
@@ -331,10 +329,7 @@ pub(crate) async fn direct_write_loop(
 ) -> Ended {
     // Only used when frames had to be queued: allocated then.
     let mut batch: Vec<Arc<Frame>> = Vec::new();
-    let mut ping = tokio::time::interval(params.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let reap_after = params.ping_interval * params.missed_pongs.max(1);
+    let (mut ping, reap_after) = crate::ws::ping_timer(params).await;
     let deadline = tokio::time::sleep(params.write_timeout);
     tokio::pin!(deadline);
     let close = outbound.close_signal();
@@ -394,6 +389,8 @@ pub(crate) async fn direct_write_loop(
             }
         }
     };
+    // However it ended, the direct path is shut: later frames are dropped, not queued.
+    let _ = w.close();
     done.cancel();
     ended
 }
@@ -483,30 +480,16 @@ async fn direct_close(
     state: &ConnState,
     metrics: &Metrics,
 ) -> Ended {
-    let close = match reason {
-        CloseReason::Disconnected => {
-            let code = state.close_code();
-            let close = (code == 1009).then_some((1009, "frame too big"));
-            let _ = finish_with_close(w, close, params.write_timeout).await;
-            return Ended::Client;
-        }
-        CloseReason::SlowConsumer => {
-            metrics.slow_consumers.inc();
-            (CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync")
-        }
-        CloseReason::Resync => (CLOSE_RESYNC, "resync required: reconnect and sync"),
-        _ => {
-            // Going away: flush what is already queued first.
-            let _ = tokio::time::timeout(
-                params.write_timeout,
-                drain(w, outbound, batch, None, params.write_batch),
-            )
-            .await;
-            (1001, "server shutting down")
-        }
-    };
-    let _ = finish_with_close(w, Some(close), params.write_timeout).await;
-    Ended::Engine(reason)
+    let closing = Closing::for_reason(reason, state, metrics);
+    if closing.flush_first {
+        let _ = tokio::time::timeout(
+            params.write_timeout,
+            drain(w, outbound, batch, None, params.write_batch),
+        )
+        .await;
+    }
+    let _ = finish_with_close(w, closing.frame, params.write_timeout).await;
+    closing.ended
 }
 
 /// Closes the direct path, writes what is pending (the rest of a frame) and the close frame.

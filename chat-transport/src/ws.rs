@@ -10,6 +10,7 @@
 //! Either side ending ends the other. Close codes: 1000 normal, 1001 server going away,
 //! 1009 frame too big, 4000 resync required, 4001 slow consumer, 4002 ping timeout.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
@@ -119,17 +120,10 @@ where
     S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + 'static,
 {
     let (sink, stream) = socket.split();
-    let state = Arc::new(ConnState::new());
-    let done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbound,
-        params,
-        state.clone(),
-        done.clone(),
-        metrics.clone(),
-    ));
-    read_until_end(stream, writer, session, params, state, done, metrics).await
+    run_halves(stream, session, params, metrics, |state, done, metrics| {
+        write_loop(sink, outbound, params, state, done, metrics)
+    })
+    .await
 }
 
 /// Runs one connection on a plain TCP socket (`pre`: bytes read past the upgrade request)
@@ -174,32 +168,29 @@ pub async fn run_tcp_connection(
         Some(config),
     )
     .await;
-    let state = Arc::new(ConnState::new());
-    let done = CancellationToken::new();
-    let task = tokio::spawn(direct_write_loop(
-        writer,
-        outbound,
-        params,
-        state.clone(),
-        done.clone(),
-        metrics.clone(),
-    ));
-    read_until_end(socket, task, session, params, state, done, metrics).await
+    run_halves(socket, session, params, metrics, |state, done, metrics| {
+        direct_write_loop(writer, outbound, params, state, done, metrics)
+    })
+    .await
 }
 
-/// The reader side of a connection, then its end: stops the writer, closes the session.
-async fn read_until_end<R>(
+/// Runs a connection from its two halves: spawns the writer that `writer` makes (given the
+/// state the halves share), reads until the end, stops the writer, closes the session.
+async fn run_halves<R, W, F>(
     stream: R,
-    mut writer: tokio::task::JoinHandle<Ended>,
     session: Session,
     params: ConnectionParams,
-    state: Arc<ConnState>,
-    done: CancellationToken,
     metrics: Arc<Metrics>,
+    writer: W,
 ) -> Ended
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
+    W: FnOnce(Arc<ConnState>, CancellationToken, Arc<Metrics>) -> F,
+    F: Future<Output = Ended> + Send + 'static,
 {
+    let state = Arc::new(ConnState::new());
+    let done = CancellationToken::new();
+    let mut writer = tokio::spawn(writer(state.clone(), done.clone(), metrics.clone()));
     let read_end = read_loop(stream, &session, params, &state, &done, &metrics).await;
     // Stop the writer (through the same wait that brings it frames): with a close frame for an
     // oversized frame, else without one. An engine close already requested wins.
@@ -221,6 +212,15 @@ where
         (_, Ended::Client) => read_end,
         (_, w) => w,
     }
+}
+
+/// The writer's ping timer (its immediate first tick taken) and how long a connection may stay
+/// silent before it is reaped.
+pub(crate) async fn ping_timer(params: ConnectionParams) -> (tokio::time::Interval, Duration) {
+    let mut ping = tokio::time::interval(params.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    (ping, params.ping_interval * params.missed_pongs.max(1))
 }
 
 /// The frame counter of one direction and codec.
@@ -356,10 +356,7 @@ where
     let codec = params.codec;
     // Grows to the largest batch seen (most connections never batch more than a few frames).
     let mut batch = Vec::new();
-    let mut ping = tokio::time::interval(params.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let reap_after = params.ping_interval * params.missed_pongs.max(1);
+    let (mut ping, reap_after) = ping_timer(params).await;
     // Long-lived futures and handles, made once per connection rather than once per batch
     // (this loop runs for every fan-out frame: its bookkeeping is on the hot path).
     let deadline = tokio::time::sleep(params.write_timeout);
@@ -474,35 +471,58 @@ async fn close_requested<W>(
 where
     W: Sink<Message, Error = WsError> + Unpin,
 {
-    let codec = params.codec;
-    let (code, text) = match reason {
-        CloseReason::Disconnected => {
-            if state.close_code.load(Ordering::Relaxed) == 1009 {
-                let _ =
-                    tokio::time::timeout(params.write_timeout, close(sink, 1009, "frame too big"))
-                        .await;
+    let closing = Closing::for_reason(reason, state, metrics);
+    if closing.flush_first {
+        while let Some(frame) = outbound.try_recv() {
+            if let Some(m) = to_message(params.codec, &frame)
+                && sink.feed(m).await.is_err()
+            {
+                break;
             }
-            return Ended::Client;
         }
-        CloseReason::SlowConsumer => {
-            metrics.slow_consumers.inc();
-            (CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync")
-        }
-        CloseReason::Resync => (CLOSE_RESYNC, "resync required: reconnect and sync"),
-        _ => {
+    }
+    if let Some((code, text)) = closing.frame {
+        let _ = tokio::time::timeout(params.write_timeout, close(sink, code, text)).await;
+    }
+    closing.ended
+}
+
+/// What a writer does when the connection is to be closed (both writers: queued and direct).
+pub(crate) struct Closing {
+    /// Write what is queued before the close frame (the server is going away).
+    pub(crate) flush_first: bool,
+    /// The close frame to send, if any.
+    pub(crate) frame: Option<(u16, &'static str)>,
+    /// What the connection's end is reported as.
+    pub(crate) ended: Ended,
+}
+
+impl Closing {
+    pub(crate) fn for_reason(reason: CloseReason, state: &ConnState, metrics: &Metrics) -> Self {
+        let engine = |frame| Self {
+            flush_first: false,
+            frame: Some(frame),
+            ended: Ended::Engine(reason),
+        };
+        match reason {
+            // The reader ended it: a close frame only for an oversized frame.
+            CloseReason::Disconnected => Self {
+                flush_first: false,
+                frame: (state.close_code() == 1009).then_some((1009, "frame too big")),
+                ended: Ended::Client,
+            },
+            CloseReason::SlowConsumer => {
+                metrics.slow_consumers.inc();
+                engine((CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync"))
+            }
+            CloseReason::Resync => engine((CLOSE_RESYNC, "resync required: reconnect and sync")),
             // Going away: flush what is already queued first.
-            while let Some(frame) = outbound.try_recv() {
-                if let Some(m) = to_message(codec, &frame)
-                    && sink.feed(m).await.is_err()
-                {
-                    break;
-                }
-            }
-            (1001, "server shutting down")
+            _ => Self {
+                flush_first: true,
+                ..engine((1001, "server shutting down"))
+            },
         }
-    };
-    let _ = tokio::time::timeout(params.write_timeout, close(sink, code, text)).await;
-    Ended::Engine(reason)
+    }
 }
 
 async fn close<W>(sink: &mut W, code: u16, reason: &'static str) -> Result<(), WsError>
