@@ -632,12 +632,17 @@ impl Chat {
         let envelope_event = inner.router.is_distributed().then(|| event.clone());
         let frame = Arc::new(Frame::new(event));
         let topic = Topic::Conversation(conversation);
-        // Write to the sockets on the spot unless other sends to this conversation wait for
-        // this one: then the connections' writer tasks take over (in parallel, batched).
-        let may_write = !stripe.contended();
+        // Write to the sockets on the spot unless the conversation is busy: other sends wait
+        // for this one, or its direct fan-outs would take most of the time between its sends.
+        // Then the connections' writer tasks take over (in parallel, batched).
+        let started = std::time::Instant::now();
+        let may_write = !stripe.contended() && stripe.direct_affordable(started);
         let delivery = inner
             .registry
             .deliver(&topic, &frame, None, Some(conn.id), may_write);
+        if may_write {
+            stripe.direct_took(started.elapsed());
+        }
         drop(order);
         self.close_slow(delivery);
         // Durable (append returned): only now does the sender hear about it.
@@ -1066,11 +1071,33 @@ fn presence_event(p: Presence) -> Event {
     }
 }
 
-/// A conversation stripe's send-order lock, which knows whether anyone waits for it.
+/// A conversation stripe's send-order lock, which knows whether anyone waits for it and how
+/// busy its fan-out keeps it.
 #[derive(Debug, Default)]
 struct OrderLock {
     lock: AsyncMutex<()>,
     waiting: std::sync::atomic::AtomicUsize,
+    /// Only touched while `lock` is held.
+    load: std::sync::Mutex<FanoutLoad>,
+}
+
+/// Moving averages (1/8 weight to the newest) of a stripe's time between sends and of how long
+/// its fan-outs take when the sending task writes to the sockets itself.
+#[derive(Debug, Default)]
+struct FanoutLoad {
+    last_send: Option<std::time::Instant>,
+    interval_ns: f64,
+    direct_ns: f64,
+}
+
+impl FanoutLoad {
+    fn average(avg: &mut f64, sample: f64) {
+        *avg = if *avg == 0.0 {
+            sample
+        } else {
+            *avg + (sample - *avg) / 8.0
+        };
+    }
 }
 
 impl OrderLock {
@@ -1091,6 +1118,34 @@ impl OrderLock {
     /// Another send waits for this stripe.
     fn contended(&self) -> bool {
         self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    fn load(&self) -> std::sync::MutexGuard<'_, FanoutLoad> {
+        self.load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a send at `now` (with the lock held); true while direct fan-outs take less than
+    /// half the time between sends. The estimate of a direct fan-out's cost only changes when
+    /// one runs, so a busy conversation stays on the writer tasks instead of flapping.
+    fn direct_affordable(&self, now: std::time::Instant) -> bool {
+        let mut load = self.load();
+        if let Some(last) = load.last_send {
+            // Gaps over a second count as a second: an idle spell should not hide for long
+            // that the conversation is busy again.
+            let gap = now
+                .duration_since(last)
+                .min(std::time::Duration::from_secs(1));
+            FanoutLoad::average(&mut load.interval_ns, gap.as_nanos() as f64);
+        }
+        load.last_send = Some(now);
+        load.interval_ns == 0.0 || load.direct_ns * 2.0 < load.interval_ns
+    }
+
+    /// How long a direct fan-out took (with the lock held).
+    fn direct_took(&self, took: std::time::Duration) {
+        FanoutLoad::average(&mut self.load().direct_ns, took.as_nanos() as f64);
     }
 }
 
@@ -1251,5 +1306,35 @@ impl Inner {
 
     pub(crate) fn presence(&self) -> &DynPresenceTracker {
         &self.presence
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::OrderLock;
+
+    #[test]
+    fn a_conversation_busy_with_direct_fan_out_goes_to_the_writer_tasks_and_back_when_quiet() {
+        let stripe = OrderLock::default();
+        let t0 = Instant::now();
+        // Quiet: sends 5 ms apart, fan-outs of 1 ms: written directly.
+        for i in 0..20 {
+            assert!(stripe.direct_affordable(t0 + Duration::from_millis(5 * i)));
+            stripe.direct_took(Duration::from_millis(1));
+        }
+        // Busy: sends 1.5 ms apart now; within a few sends the average says the fan-outs would
+        // take most of the time, and it stays so (no flapping) while the rate holds.
+        let t1 = t0 + Duration::from_millis(100);
+        let decisions: Vec<bool> = (0..40)
+            .map(|i| stripe.direct_affordable(t1 + Duration::from_micros(1500 * i)))
+            .collect();
+        assert!(decisions[..10].contains(&true), "switched without evidence");
+        assert!(decisions[20..].iter().all(|d| !d), "{decisions:?}");
+        // Quiet again: back to direct writes.
+        let t2 = t1 + Duration::from_millis(200);
+        let back = (0..20).any(|i| stripe.direct_affordable(t2 + Duration::from_millis(50 * i)));
+        assert!(back);
     }
 }
