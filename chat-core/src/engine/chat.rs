@@ -1081,6 +1081,10 @@ struct OrderLock {
     load: std::sync::Mutex<FanoutLoad>,
 }
 
+/// Direct fan-out stays on while it takes less than this share of the time between a
+/// conversation stripe's sends.
+const DIRECT_SHARE: f64 = 0.8;
+
 /// Moving averages (1/8 weight to the newest) of a stripe's time between sends and of how long
 /// its fan-outs take when the sending task writes to the sockets itself.
 #[derive(Debug, Default)]
@@ -1127,7 +1131,7 @@ impl OrderLock {
     }
 
     /// Records a send at `now` (with the lock held); true while direct fan-outs take less than
-    /// half the time between sends. The estimate of a direct fan-out's cost only changes when
+    /// [`DIRECT_SHARE`] of the time between sends. The estimate of a direct fan-out's cost only changes when
     /// one runs, so a busy conversation stays on the writer tasks instead of flapping.
     fn direct_affordable(&self, now: std::time::Instant) -> bool {
         let mut load = self.load();
@@ -1140,7 +1144,7 @@ impl OrderLock {
             FanoutLoad::average(&mut load.interval_ns, gap.as_nanos() as f64);
         }
         load.last_send = Some(now);
-        load.interval_ns == 0.0 || load.direct_ns * 2.0 < load.interval_ns
+        load.interval_ns == 0.0 || load.direct_ns < DIRECT_SHARE * load.interval_ns
     }
 
     /// How long a direct fan-out took (with the lock held).
@@ -1324,14 +1328,14 @@ mod tests {
             assert!(stripe.direct_affordable(t0 + Duration::from_millis(5 * i)));
             stripe.direct_took(Duration::from_millis(1));
         }
-        // Busy: sends 1.5 ms apart now; within a few sends the average says the fan-outs would
-        // take most of the time, and it stays so (no flapping) while the rate holds.
+        // Busy: sends 1 ms apart now; within some sends the average says the fan-outs would
+        // take (nearly) all the time, and it stays so (no flapping) while the rate holds.
         let t1 = t0 + Duration::from_millis(100);
-        let decisions: Vec<bool> = (0..40)
-            .map(|i| stripe.direct_affordable(t1 + Duration::from_micros(1500 * i)))
+        let decisions: Vec<bool> = (0..60)
+            .map(|i| stripe.direct_affordable(t1 + Duration::from_micros(1000 * i)))
             .collect();
         assert!(decisions[..10].contains(&true), "switched without evidence");
-        assert!(decisions[20..].iter().all(|d| !d), "{decisions:?}");
+        assert!(decisions[30..].iter().all(|d| !d), "{decisions:?}");
         // Quiet again: back to direct writes.
         let t2 = t1 + Duration::from_millis(200);
         let back = (0..20).any(|i| stripe.direct_affordable(t2 + Duration::from_millis(50 * i)));
