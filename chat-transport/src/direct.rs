@@ -336,7 +336,9 @@ pub(crate) async fn direct_write_loop(
     // Whatever was queued before the direct path was registered goes first.
     let mut own: Option<Bytes> = None;
     let ended = loop {
-        let drained = guarded(
+        // Boxed: the writer runs only when the direct path left it work, and its futures would
+        // otherwise take room in every idle connection's task.
+        let drained = Box::pin(guarded(
             drain(
                 &w,
                 &mut outbound,
@@ -347,7 +349,7 @@ pub(crate) async fn direct_write_loop(
             &close,
             deadline.as_mut(),
             params.write_timeout,
-        )
+        ))
         .await;
         match drained {
             Drained::Idle => {}
