@@ -151,8 +151,14 @@ impl Collector for EngineCollector {
         counter(
             &mut encoder,
             "engine_deliveries",
-            "Fan-out frames queued to local connections",
+            "Fan-out frames delivered to local connections",
             s.deliveries,
+        )?;
+        counter(
+            &mut encoder,
+            "engine_fanouts_to_writers",
+            "Message fan-outs handed to the writer tasks because the conversation was busy",
+            s.fanouts_to_writers,
         )?;
         counter(
             &mut encoder,

@@ -481,6 +481,7 @@ async fn http_api_conversations_history_members_presence() {
         "chat_ws_connections",
         "chat_ws_frames_total",
         "chat_engine_messages_sent_total",
+        "chat_engine_fanouts_to_writers_total",
         "chat_fanout_latency_seconds_bucket",
         "chat_http_responses_total",
     ] {

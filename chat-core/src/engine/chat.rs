@@ -642,6 +642,8 @@ impl Chat {
             .deliver(&topic, &frame, None, Some(conn.id), may_write);
         if may_write {
             stripe.direct_took(started.elapsed());
+        } else {
+            inner.stats.fanout_to_writers();
         }
         drop(order);
         self.close_slow(delivery);

@@ -26,6 +26,7 @@ pub(crate) struct Stats {
     replies: AtomicU64,
     slow_consumers: AtomicU64,
     router_errors: AtomicU64,
+    fanouts_to_writers: AtomicU64,
     errors: [AtomicU64; 8],
 }
 
@@ -53,6 +54,9 @@ impl Stats {
     pub(crate) fn slow_consumer(&self) {
         self.slow_consumers.fetch_add(1, Relaxed);
     }
+    pub(crate) fn fanout_to_writers(&self) {
+        self.fanouts_to_writers.fetch_add(1, Relaxed);
+    }
     pub(crate) fn router_error(&self) {
         self.router_errors.fetch_add(1, Relaxed);
     }
@@ -73,6 +77,7 @@ impl Stats {
             replies: self.replies.load(Relaxed),
             slow_consumers: self.slow_consumers.load(Relaxed),
             router_errors: self.router_errors.load(Relaxed),
+            fanouts_to_writers: self.fanouts_to_writers.load(Relaxed),
             errors: CODES
                 .iter()
                 .zip(&self.errors)
@@ -96,7 +101,7 @@ pub struct StatsSnapshot {
     pub commands: u64,
     /// New messages stored (retries not counted).
     pub messages_sent: u64,
-    /// Fan-out frames queued to local connections.
+    /// Fan-out frames delivered to local connections (written directly or queued).
     pub deliveries: u64,
     /// Reply frames (acks, errors, sync) queued.
     pub replies: u64,
@@ -104,6 +109,10 @@ pub struct StatsSnapshot {
     pub slow_consumers: u64,
     /// Failed router publishes.
     pub router_errors: u64,
+    /// Message fan-outs handed to the connections' writer tasks because the conversation was
+    /// busy (instead of written to idle sockets by the sending task; see
+    /// [`DirectWrite`](crate::DirectWrite)).
+    pub fanouts_to_writers: u64,
     /// Error frames by code.
     pub errors: Vec<(ErrorCode, u64)>,
 }
