@@ -155,6 +155,18 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (for counters and exhaustive tests).
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotMember,
+        ErrorCode::NotFound,
+        ErrorCode::Invalid,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+    ];
+
     /// The HTTP status for this code.
     pub fn http_status(self) -> u16 {
         match self {
@@ -191,3 +203,30 @@ impl fmt::Display for ErrorCode {
 
 /// Shorthand for `Result<T, chat_core::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::ErrorCode;
+
+    /// A new variant must be added here (the match is exhaustive) and to `ErrorCode::ALL`.
+    fn position(code: ErrorCode) -> usize {
+        match code {
+            ErrorCode::Unauthorized => 0,
+            ErrorCode::Forbidden => 1,
+            ErrorCode::NotMember => 2,
+            ErrorCode::NotFound => 3,
+            ErrorCode::Invalid => 4,
+            ErrorCode::TooLarge => 5,
+            ErrorCode::RateLimited => 6,
+            ErrorCode::Internal => 7,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_code_once_in_order() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(position(*code), i, "{code:?}");
+        }
+        assert_eq!(ErrorCode::ALL.len(), position(ErrorCode::Internal) + 1);
+    }
+}

@@ -1361,3 +1361,27 @@ async fn members_learn_about_a_new_conversation_without_polling() {
     assert_eq!(h.direct("carol", "bob").await, d);
     expect_nothing(&mut bob).await;
 }
+
+#[tokio::test]
+async fn an_outbound_waker_queues_at_most_one_wake_up_however_often_it_is_called() {
+    let chat = chat_core::Chat::builder().build().await.unwrap();
+    let (session, mut outbound) = chat.connect(UserId::from("w")).await.unwrap();
+    let waker = session.outbound_waker();
+    for _ in 0..10_000 {
+        assert!(waker.wake());
+    }
+    let mut buf = Vec::new();
+    assert_eq!(
+        outbound.recv_batch(&mut buf, 16).await,
+        chat_core::engine::Batch::Frames(0)
+    );
+    assert!(outbound.is_empty(), "more than one wake-up was queued");
+    // Taken: the next wake queues one again.
+    assert!(waker.wake());
+    assert!(!outbound.is_empty());
+    drop(session);
+    drop(outbound);
+    // Gone: waking reports it.
+    tokio::task::yield_now().await;
+    assert!(!waker.wake());
+}

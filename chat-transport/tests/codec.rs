@@ -741,16 +741,7 @@ fn arb_message() -> BoxedStrategy<Message> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    prop::sample::select(vec![
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::NotMember,
-        ErrorCode::NotFound,
-        ErrorCode::Invalid,
-        ErrorCode::TooLarge,
-        ErrorCode::RateLimited,
-        ErrorCode::Internal,
-    ])
+    prop::sample::select(ErrorCode::ALL.to_vec())
 }
 
 fn arb_event() -> BoxedStrategy<Event> {

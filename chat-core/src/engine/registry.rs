@@ -3,7 +3,7 @@
 //! write it.
 
 use foldhash::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use tokio::sync::{Semaphore, mpsc};
@@ -113,6 +113,8 @@ pub(crate) struct ConnShared {
     reply_permits: Semaphore,
     /// Why the connection is to be closed (first reason wins).
     reason: OnceLock<CloseReason>,
+    /// A wake-up from an [`OutboundWaker`] is queued and not yet taken (at most one is).
+    woken: AtomicBool,
     /// Cancelled with the first close reason.
     pub(crate) token: CancellationToken,
 }
@@ -120,6 +122,11 @@ pub(crate) struct ConnShared {
 impl ConnShared {
     pub(crate) fn took_live(&self) {
         self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The reader took a wake-up item.
+    pub(crate) fn took_wake(&self) {
+        self.woken.store(false, Ordering::Release);
     }
 
     pub(crate) fn took_reply(&self) {
@@ -153,6 +160,7 @@ impl ConnHandle {
             reply_permits: Semaphore::new(reply_queue.max(1)),
             reason: OnceLock::new(),
             token: CancellationToken::new(),
+            woken: AtomicBool::new(false),
         });
         let outbound = Outbound::new(rx, shared.clone());
         (
@@ -227,6 +235,7 @@ impl ConnHandle {
     pub(crate) fn outbound_waker(&self) -> OutboundWaker {
         OutboundWaker {
             queue: self.queue.downgrade(),
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
@@ -245,18 +254,24 @@ impl ConnHandle {
 /// Wakes a connection's writer: [`Outbound::recv_batch`](crate::Outbound::recv_batch) returns
 /// (with `Batch::Frames(0)` when nothing else is there). For a transport's [`DirectWrite`]
 /// that left work for its writer (a partly written frame). It does not keep the connection's
-/// queue open.
+/// queue open, and however often it is called, at most one wake-up waits in the queue.
 #[derive(Clone, Debug)]
 pub struct OutboundWaker {
     queue: mpsc::WeakUnboundedSender<Out>,
+    shared: std::sync::Weak<ConnShared>,
 }
 
 impl OutboundWaker {
     /// Wakes the writer; false when the connection is gone.
     pub fn wake(&self) -> bool {
-        self.queue
-            .upgrade()
-            .is_some_and(|q| q.send(Out::Wake).is_ok())
+        let (Some(queue), Some(shared)) = (self.queue.upgrade(), self.shared.upgrade()) else {
+            return false;
+        };
+        if shared.woken.swap(true, Ordering::AcqRel) {
+            // One is queued already: the writer will look.
+            return true;
+        }
+        queue.send(Out::Wake).is_ok()
     }
 }
 

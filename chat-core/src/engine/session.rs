@@ -168,7 +168,10 @@ impl Outbound {
                 self.shared.took_reply();
                 Some(f)
             }
-            Out::Wake => None,
+            Out::Wake => {
+                self.shared.took_wake();
+                None
+            }
         }
     }
 

@@ -4,17 +4,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::error::ErrorCode;
 
-const CODES: [ErrorCode; 8] = [
-    ErrorCode::Unauthorized,
-    ErrorCode::Forbidden,
-    ErrorCode::NotMember,
-    ErrorCode::NotFound,
-    ErrorCode::Invalid,
-    ErrorCode::TooLarge,
-    ErrorCode::RateLimited,
-    ErrorCode::Internal,
-];
-
 /// Monotonic counters (relaxed atomics: they are statistics, not synchronization).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -27,7 +16,7 @@ pub(crate) struct Stats {
     slow_consumers: AtomicU64,
     router_errors: AtomicU64,
     fanouts_to_writers: AtomicU64,
-    errors: [AtomicU64; 8],
+    errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
 impl Stats {
@@ -61,7 +50,7 @@ impl Stats {
         self.router_errors.fetch_add(1, Relaxed);
     }
     pub(crate) fn count_error(&self, code: ErrorCode) {
-        if let Some(i) = CODES.iter().position(|c| *c == code) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
             self.errors[i].fetch_add(1, Relaxed);
         }
     }
@@ -78,7 +67,7 @@ impl Stats {
             slow_consumers: self.slow_consumers.load(Relaxed),
             router_errors: self.router_errors.load(Relaxed),
             fanouts_to_writers: self.fanouts_to_writers.load(Relaxed),
-            errors: CODES
+            errors: ErrorCode::ALL
                 .iter()
                 .zip(&self.errors)
                 .map(|(c, n)| (*c, n.load(Relaxed)))
