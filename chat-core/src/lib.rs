@@ -5,7 +5,7 @@
 //!
 //! | part | job | backends |
 //! |---|---|---|
-//! | [`Transport`] | client connections: accept, authenticate, decode commands, encode events | in-process ([`memory::InProcessTransport`]); WebSocket + HTTP (`chat-transport`) |
+//! | [`transport`] (the contract) | client connections: accept, authenticate, decode commands, encode events | in-process ([`memory::InProcessTransport`]); WebSocket + HTTP (`chat-transport`) |
 //! | [`MessageStore`] | timelines, conversations, members, read markers | in-memory ([`memory::MemoryStore`]); Redis, ScyllaDB (`chat-store`) |
 //! | [`Router`] | moves events between gateway nodes | single node ([`router::LocalRouter`]), in-process hub ([`memory::MemoryRouterHub`]); Redis (`chat-presence`) |
 //! | [`PresenceTracker`] | online / offline / last seen | in-memory ([`memory::MemoryPresence`]); Redis (`chat-presence`) |
@@ -63,13 +63,12 @@ pub mod testing;
 pub mod time;
 pub mod transport;
 
-pub use engine::{
-    Chat, ChatBuilder, ChatConfig, CloseReason, DirectWrite, Outbound, OutboundWaker, Session,
-};
+pub use engine::{Chat, ChatBuilder, ChatConfig};
 pub use error::{Error, ErrorCode, Result};
 pub use id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
 pub use presence::PresenceTracker;
-pub use protocol::{Command, Event, Frame};
+pub use protocol::{Command, Event};
 pub use router::Router;
 pub use store::MessageStore;
-pub use transport::Transport;
+pub use transport::Frame;
+pub use transport::{CloseReason, Outbound, Session};

@@ -12,9 +12,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
@@ -41,6 +39,71 @@ pub struct SendMessage {
     /// The message this replies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<MessageId>,
+}
+
+impl SendMessage {
+    /// A text message.
+    ///
+    /// ```
+    /// use chat_core::{Command, ConversationId, protocol::SendMessage};
+    /// let conversation = ConversationId::from_raw(42);
+    /// let send = Command::Message(SendMessage::text(conversation, "m-1", "hi"));
+    /// assert!(matches!(send, Command::Message(m) if m.content == "hi"));
+    /// ```
+    pub fn text(
+        conversation_id: ConversationId,
+        client_msg_id: impl Into<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        Self {
+            conversation_id,
+            client_msg_id: client_msg_id.into(),
+            content: content.into(),
+            kind: MessageKind::Text,
+            media: None,
+            reply_to: None,
+        }
+    }
+
+    /// A media message (`image` or `file`) with its attachment metadata; add a caption with
+    /// [`SendMessage::with_content`].
+    pub fn media(
+        conversation_id: ConversationId,
+        client_msg_id: impl Into<String>,
+        kind: MessageKind,
+        media: Media,
+    ) -> Self {
+        Self {
+            kind,
+            media: Some(media),
+            ..Self::text(conversation_id, client_msg_id, "")
+        }
+    }
+
+    /// A system message (a notice from the host, e.g. "Bob joined"): only the host may post
+    /// one, with [`Chat::post_message`](crate::Chat::post_message); a client's is refused.
+    pub fn system(
+        conversation_id: ConversationId,
+        client_msg_id: impl Into<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind: MessageKind::System,
+            ..Self::text(conversation_id, client_msg_id, content)
+        }
+    }
+
+    /// The same message as a reply to `message_id`.
+    pub fn reply_to(mut self, message_id: MessageId) -> Self {
+        self.reply_to = Some(message_id);
+        self
+    }
+
+    /// The same message with `content` (a caption for media).
+    pub fn with_content(mut self, content: impl Into<String>) -> Self {
+        self.content = content.into();
+        self
+    }
 }
 
 /// A frame from a client.
@@ -249,93 +312,4 @@ pub enum MembershipChange {
     Left,
 }
 
-/// How many codecs a [`Frame`] can cache an encoding for.
-pub const CODEC_SLOTS: usize = 4;
-
-/// An event on its way to connections, with a per-codec cache of its encoding.
-///
-/// Fan-out hands the same `Arc<Frame>` to every recipient; the first writer using a codec
-/// encodes, every other writer reuses the same [`Bytes`]. So a group message is encoded once
-/// per codec per node, not once per recipient.
-#[derive(Debug)]
-pub struct Frame {
-    /// The event.
-    event: Event,
-    /// One lazily filled encoding per codec slot.
-    encoded: [OnceLock<Bytes>; CODEC_SLOTS],
-    /// One lazily filled transport-specific value per codec slot (e.g. a ready-to-send
-    /// WebSocket message), shared by every recipient like the encoding.
-    prepared: [OnceLock<Box<dyn std::any::Any + Send + Sync>>; CODEC_SLOTS],
-    /// When the frame was made (for fan-out latency metrics).
-    created: std::time::Instant,
-}
-
-impl Frame {
-    /// Wraps an event.
-    pub fn new(event: Event) -> Self {
-        Self {
-            event,
-            encoded: Default::default(),
-            prepared: Default::default(),
-            created: std::time::Instant::now(),
-        }
-    }
-
-    /// The event.
-    pub fn event(&self) -> &Event {
-        &self.event
-    }
-
-    /// How long ago the frame was made (the event was ready to send).
-    pub fn age(&self) -> std::time::Duration {
-        self.created.elapsed()
-    }
-
-    /// The encoding for codec `slot` (`0..CODEC_SLOTS`), computed by `encode` at most once.
-    ///
-    /// # Panics
-    /// If `slot >= CODEC_SLOTS` (a programming error in a codec, not reachable from input).
-    pub fn encoded(&self, slot: usize, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
-        self.encoded[slot]
-            .get_or_init(|| encode(&self.event))
-            .clone()
-    }
-}
-
-impl Frame {
-    /// A transport-specific value for codec `slot`, made by `prepare` at most once and cloned
-    /// for every later caller (a transport caches its ready-to-send message here, so per
-    /// recipient it pays a clone, typically a reference-count increment). `None` if the slot
-    /// already holds a value of another type (two transports disagreeing on a slot).
-    ///
-    /// # Panics
-    /// If `slot >= CODEC_SLOTS`.
-    pub fn prepared<T: Clone + Send + Sync + 'static>(
-        &self,
-        slot: usize,
-        prepare: impl FnOnce(&Event) -> T,
-    ) -> Option<T> {
-        self.prepared_ref(slot, prepare).cloned()
-    }
-
-    /// Like [`Frame::prepared`], by reference (for a transport that only needs to look at its
-    /// cached value, e.g. to write its bytes).
-    ///
-    /// # Panics
-    /// If `slot >= CODEC_SLOTS`.
-    pub fn prepared_ref<T: Send + Sync + 'static>(
-        &self,
-        slot: usize,
-        prepare: impl FnOnce(&Event) -> T,
-    ) -> Option<&T> {
-        self.prepared[slot]
-            .get_or_init(|| Box::new(prepare(&self.event)))
-            .downcast_ref::<T>()
-    }
-}
-
-impl From<Event> for Frame {
-    fn from(event: Event) -> Self {
-        Self::new(event)
-    }
-}
+pub use crate::transport::{CODEC_SLOTS, Frame};

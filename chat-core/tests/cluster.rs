@@ -46,7 +46,7 @@ impl Cluster {
     }
 
     fn chat(&self, node: usize) -> &Chat {
-        self.nodes[node].chat().unwrap()
+        self.nodes[node].chat()
     }
 
     async fn connect(&self, node: usize, user: &str) -> InProcessClient {

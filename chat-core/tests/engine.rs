@@ -1373,7 +1373,7 @@ async fn an_outbound_waker_queues_at_most_one_wake_up_however_often_it_is_called
     let mut buf = Vec::new();
     assert_eq!(
         outbound.recv_batch(&mut buf, 16).await,
-        chat_core::engine::Batch::Frames(0)
+        chat_core::transport::Batch::Frames(0)
     );
     assert!(outbound.is_empty(), "more than one wake-up was queued");
     // Taken: the next wake queues one again.

@@ -270,7 +270,6 @@ async fn two_engines_chat_and_see_presence_through_redis() {
     let (alice_id, bob_id) = (UserId::from("alice"), UserId::from("bob"));
     let conv = nodes[0]
         .chat()
-        .unwrap()
         .create_conversation(
             &alice_id,
             ConversationKind::Direct,

@@ -1,28 +1,28 @@
 //! The direct write path of a WebSocket connection on a plain TCP socket.
 //!
-//! The engine offers every frame for the connection to [`TcpWriter`] first
-//! ([`DirectWrite`]): when nothing is pending, the frame's ready wire bytes (header and payload,
-//! built once per frame and codec and shared by every recipient) are written with one
-//! non-blocking `write` on the spot, by the task that produced the frame. No queue, no writer
-//! wake-up, no copy into a per-connection buffer. Only when the socket is full, or something is
-//! pending, does the frame go to the connection's queue, and the writer task takes over until
-//! it has drained the queue and found it empty *under the same lock* that the direct path
-//! checks: so a frame never overtakes an earlier one.
+//! The engine offers every frame for the connection to a [`DirectWriter`] over [`TcpSocket`]
+//! first: when nothing is pending, the frame's ready wire bytes (header and payload, built
+//! once per frame and codec and shared by every recipient) are written with one non-blocking
+//! `write` on the spot, by the task that produced the frame. No queue, no writer wake-up, no
+//! copy into a per-connection buffer. Only when the socket is full, or something is pending,
+//! does the frame go to the connection's queue, and the writer task here takes over until it
+//! has drained the queue. The ordering rule (a frame never overtakes an earlier one) is kept
+//! by chat-core's [`DirectWriter`]: this module only writes through it.
 //!
 //! Reads still go through tokio-tungstenite, over [`ReadSide`]: its writes (pongs, close
 //! replies) join the same ordered path.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_core::engine::Batch;
-use chat_core::{CloseReason, DirectWrite, Frame, Outbound, OutboundWaker};
+use chat_core::transport::{Batch, DirectSocket, DirectWriter};
+use chat_core::{CloseReason, Frame, Outbound};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,191 +37,57 @@ use crate::codec::Codec;
 use crate::metrics::Metrics;
 use crate::ws::{CLOSE_PING_TIMEOUT, Closing, ConnState, ConnectionParams, Ended};
 
-/// Most bytes of control frames (pongs, close replies) the reader may leave waiting behind
-/// queued data; beyond it the connection is failed (a client flooding pings while not reading).
-const MAX_PENDING_CONTROL: usize = 64 * 1024;
-
-/// The write side of one connection.
+/// The write half of a connection's TCP socket, as the engine's direct path sees it.
 #[derive(Debug)]
-pub(crate) struct TcpWriter {
+pub(crate) struct TcpSocket {
     sock: OwnedWriteHalf,
     codec: Codec,
-    state: Mutex<WriteState>,
-    waker: OutboundWaker,
     frames_out: Counter,
     fanout_latency: Histogram,
-}
-
-#[derive(Debug)]
-struct WriteState {
-    /// The writer task owns the socket: something is queued, pending or being written, so
-    /// every frame goes to the queue.
-    busy: bool,
-    /// Bytes to write before anything queued: the rest of a partly written frame, then control
-    /// frames from the reader, in order.
-    pending: VecDeque<Bytes>,
-    pending_bytes: usize,
-    /// The connection is closing: frames are dropped, control writes fail.
-    closed: bool,
     /// Frames written directly (to sample the fan-out latency, one in
     /// [`LATENCY_SAMPLE_EVERY`](crate::ws::LATENCY_SAMPLE_EVERY)).
-    written: u32,
+    written: AtomicU32,
 }
 
-impl TcpWriter {
+impl TcpSocket {
     pub(crate) fn new(
         sock: OwnedWriteHalf,
         codec: Codec,
-        waker: OutboundWaker,
         frames_out: Counter,
         fanout_latency: Histogram,
     ) -> Self {
         Self {
             sock,
             codec,
-            // Busy until the writer has drained what was queued before this was registered.
-            state: Mutex::new(WriteState {
-                busy: true,
-                pending: VecDeque::new(),
-                pending_bytes: 0,
-                closed: false,
-                written: 0,
-            }),
-            waker,
             frames_out,
             fanout_latency,
+            written: AtomicU32::new(0),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, WriteState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn socket(&self) -> &OwnedWriteHalf {
-        &self.sock
-    }
-
-    pub(crate) fn codec(&self) -> Codec {
-        self.codec
-    }
-
-    /// For the writer: the next pending chunk (the rest of a partly written frame, control
-    /// frames), which goes out before anything queued.
-    pub(crate) fn take_pending(&self) -> Option<Bytes> {
-        let mut st = self.lock();
-        let chunk = st.pending.pop_front()?;
-        st.pending_bytes -= chunk.len();
-        Some(chunk)
-    }
-
-    /// For the writer: gives the socket back to the direct path if nothing is pending and
-    /// `queue_empty` (called under the lock) says the queue is empty too.
-    pub(crate) fn try_idle(&self, queue_empty: impl FnOnce() -> bool) -> bool {
-        let mut st = self.lock();
-        if st.pending.is_empty() && !st.closed && queue_empty() {
-            st.busy = false;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// For the writer: takes the socket (before writing something of its own).
-    pub(crate) fn take(&self) {
-        self.lock().busy = true;
-    }
-
-    /// For the writer: the connection is closing. Returns what is pending (the rest of a
-    /// partly written frame must go out before a close frame).
-    pub(crate) fn close(&self) -> Vec<Bytes> {
-        let mut st = self.lock();
-        st.closed = true;
-        st.busy = true;
-        st.pending_bytes = 0;
-        st.pending.drain(..).collect()
-    }
-
-    /// Adds `bytes` to write after what is pending; wakes the writer if it was idle.
-    fn defer(&self, st: &mut WriteState, bytes: Bytes) {
-        st.pending_bytes += bytes.len();
-        st.pending.push_back(bytes);
-        if !st.busy {
-            st.busy = true;
-            self.waker.wake();
-        }
-    }
-
-    /// A control frame from the reader side (tungstenite's pong or close reply).
-    fn write_control(&self, buf: &[u8]) -> io::Result<usize> {
-        let mut st = self.lock();
-        if st.closed {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        }
-        if st.busy {
-            if st.pending_bytes + buf.len() > MAX_PENDING_CONTROL {
-                return Err(io::Error::other("too many control frames waiting"));
-            }
-            self.defer(&mut st, Bytes::copy_from_slice(buf));
-            return Ok(buf.len());
-        }
-        match self.sock.try_write(buf) {
-            Ok(n) if n == buf.len() => {}
-            Ok(n) => self.defer(&mut st, Bytes::copy_from_slice(&buf[n..])),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.defer(&mut st, Bytes::copy_from_slice(buf));
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(buf.len())
     }
 }
 
-impl DirectWrite for TcpWriter {
-    fn write_or_queue(
-        &self,
-        frame: &Arc<Frame>,
-        queue: &mut dyn FnMut(&Arc<Frame>) -> bool,
-        may_write: bool,
-    ) -> bool {
-        let mut st = self.lock();
-        if st.closed {
-            return true;
-        }
-        if st.busy {
-            return queue(frame);
-        }
-        if !may_write {
-            // The queue's push wakes the writer, which takes it from here.
-            st.busy = true;
-            return queue(frame);
-        }
-        let Some(wire) = crate::ws::wire(self.codec, frame) else {
-            // Not encodable in this codec: dropped, as on the queued path.
-            return true;
-        };
-        match self.sock.try_write(wire) {
-            Ok(n) if n == wire.len() => {}
-            Ok(n) => self.defer(&mut st, wire.slice(n..)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                st.busy = true;
-                return queue(frame);
-            }
-            Err(_) => {
-                // The socket failed; the reader sees it too and ends the connection.
-                st.closed = true;
-                return true;
-            }
-        }
+impl DirectSocket for TcpSocket {
+    fn wire(&self, frame: &Frame) -> Option<Bytes> {
+        crate::ws::wire(self.codec, frame).cloned()
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.try_write(buf)
+    }
+
+    fn written(&self, frame: &Frame) {
         self.frames_out.inc();
-        st.written = st.written.wrapping_add(1);
-        if st.written % crate::ws::LATENCY_SAMPLE_EVERY == 1
+        let n = self.written.fetch_add(1, Ordering::Relaxed);
+        if n % crate::ws::LATENCY_SAMPLE_EVERY == 0
             && matches!(frame.event(), chat_core::Event::Message { .. })
         {
             self.fanout_latency.observe(frame.age().as_secs_f64());
         }
-        true
     }
 }
+
+/// The direct path of one connection.
+pub(crate) type TcpWriter = DirectWriter<TcpSocket>;
 
 /// Writes all of `bufs` (in order) to the socket, as few system calls as the kernel allows.
 pub(crate) async fn write_all(sock: &OwnedWriteHalf, bufs: &[Bytes]) -> io::Result<()> {
@@ -438,11 +304,11 @@ async fn drain(
     loop {
         // A partly written frame must be finished before anything else.
         if let Some(chunk) = w.take_pending() {
-            write_all(w.socket(), std::slice::from_ref(&chunk)).await?;
+            write_all(&w.socket().sock, std::slice::from_ref(&chunk)).await?;
             continue;
         }
         if let Some(bytes) = own.take() {
-            write_all(w.socket(), std::slice::from_ref(&bytes)).await?;
+            write_all(&w.socket().sock, std::slice::from_ref(&bytes)).await?;
             continue;
         }
         if batch.is_empty() {
@@ -458,14 +324,14 @@ async fn drain(
             bufs.extend(
                 batch
                     .drain(..)
-                    .filter_map(|f| crate::ws::wire(w.codec(), &f).cloned()),
+                    .filter_map(|f| crate::ws::wire(w.socket().codec, &f).cloned()),
             );
-            write_all(w.socket(), &bufs).await?;
+            write_all(&w.socket().sock, &bufs).await?;
             bufs.clear();
-            w.frames_out.inc_by(n as u64);
+            w.socket().frames_out.inc_by(n as u64);
             continue;
         }
-        if w.try_idle(|| outbound.is_empty()) {
+        if w.try_idle(outbound) {
             return Ok(());
         }
     }
@@ -507,7 +373,7 @@ async fn finish_with_close(
             reason: Utf8Bytes::from_static(reason),
         }))));
     }
-    match tokio::time::timeout(timeout, write_all(w.socket(), &bufs)).await {
+    match tokio::time::timeout(timeout, write_all(&w.socket().sock, &bufs)).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
@@ -519,101 +385,4 @@ fn control_frame(frame: WsFrame) -> Bytes {
     // Writing into a Vec cannot fail.
     let _ = frame.format(&mut out);
     out.into()
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    /// A writer on a real loopback socket, plus its engine session (for the waker).
-    async fn writer() -> (Arc<TcpWriter>, tokio::net::TcpStream, chat_core::Session) {
-        let chat = chat_core::Chat::builder().build().await.unwrap();
-        let (session, _outbound) = chat.connect(chat_core::UserId::from("a")).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let (_read, write) = server.into_split();
-        let w = Arc::new(TcpWriter::new(
-            write,
-            Codec::Json,
-            session.outbound_waker(),
-            Counter::default(),
-            Histogram::new([0.1]),
-        ));
-        (w, client, session)
-    }
-
-    fn frame(n: u64) -> Arc<Frame> {
-        Arc::new(Frame::new(chat_core::Event::Typing {
-            conversation_id: chat_core::ConversationId::from_raw(n),
-            user_id: chat_core::UserId::from("u"),
-        }))
-    }
-
-    #[tokio::test]
-    async fn once_anything_is_queued_every_later_frame_is_queued_until_the_writer_hands_back() {
-        let (w, _client, _session) = writer().await;
-        let queued = std::sync::Mutex::new(Vec::new());
-        let mut queue = |f: &Arc<Frame>| {
-            queued.lock().unwrap().push(f.clone());
-            true
-        };
-        // Busy from the start: whatever the engine queued before registration goes first.
-        assert!(w.write_or_queue(&frame(1), &mut queue, true));
-        assert_eq!(queued.lock().unwrap().len(), 1);
-        // The writer drained the queue and hands the socket back.
-        assert!(w.try_idle(|| true));
-        // Idle and allowed: written directly, not queued.
-        assert!(w.write_or_queue(&frame(2), &mut queue, true));
-        assert_eq!(queued.lock().unwrap().len(), 1);
-        // The engine asks for the queue (under load): queued, and the connection turns busy,
-        assert!(w.write_or_queue(&frame(3), &mut queue, false));
-        // so a later frame that may be written directly still queues behind it.
-        assert!(w.write_or_queue(&frame(4), &mut queue, true));
-        let ids: Vec<_> = queued
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|f| match f.event() {
-                chat_core::Event::Typing {
-                    conversation_id, ..
-                } => conversation_id.get(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(ids, vec![1, 3, 4]);
-        // The writer cannot hand back while its queue is not empty.
-        assert!(!w.try_idle(|| false));
-        assert!(w.try_idle(|| true));
-        // Closed: frames are dropped, not queued, and control writes fail.
-        let _ = w.close();
-        assert!(w.write_or_queue(&frame(5), &mut queue, true));
-        assert_eq!(queued.lock().unwrap().len(), 3);
-        assert!(w.write_control(b"x").is_err());
-    }
-
-    #[tokio::test]
-    async fn control_frames_wait_behind_pending_bytes_and_are_bounded() {
-        let (w, _client, _session) = writer().await;
-        assert!(w.try_idle(|| true));
-        // Busy (something queued): a pong is kept, in order, not written.
-        w.take();
-        assert_eq!(w.write_control(b"pong").unwrap(), 4);
-        assert_eq!(w.take_pending().as_deref(), Some(&b"pong"[..]));
-        assert_eq!(w.take_pending(), None);
-        // A client flooding pings while not reading cannot grow the backlog without bound.
-        let big = vec![0u8; 1024];
-        let mut failed = false;
-        for _ in 0..(MAX_PENDING_CONTROL / 1024 + 2) {
-            if w.write_control(&big).is_err() {
-                failed = true;
-                break;
-            }
-        }
-        assert!(failed, "control backlog unbounded");
-    }
 }

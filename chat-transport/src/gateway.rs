@@ -3,16 +3,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use chat_core::model::ConversationKind;
-use chat_core::{Chat, ConversationId, Error, Transport, UserId};
+use chat_core::{Chat, ConversationId, Error, UserId};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -649,31 +647,5 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let gateway = self.clone();
         Box::pin(async move { Ok(gateway.handle(req).await) })
-    }
-}
-
-/// The gateway as a [`Transport`]: binds `addr` and serves until the chat shuts down.
-#[derive(Debug)]
-pub struct WebSocketTransport {
-    /// Where to listen.
-    pub addr: SocketAddr,
-    /// Who is calling.
-    pub auth: Arc<dyn Authenticator>,
-}
-
-#[async_trait]
-impl Transport for WebSocketTransport {
-    fn name(&self) -> &'static str {
-        "websocket"
-    }
-
-    async fn serve(&self, chat: Chat) -> chat_core::Result<()> {
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .map_err(|e| Error::unavailable("listener", e))?;
-        Gateway::new(chat, self.auth.clone())
-            .serve(listener)
-            .await
-            .map_err(|e| Error::unavailable("listener", e))
     }
 }

@@ -42,4 +42,4 @@ mod gateway;
 pub mod metrics;
 pub mod ws;
 
-pub use gateway::{Gateway, GatewayConfig, GatewayResponse, WebSocketTransport, error_response};
+pub use gateway::{Gateway, GatewayConfig, GatewayResponse, error_response};

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_core::engine::Batch;
+use chat_core::transport::Batch;
 use chat_core::{CloseReason, Event, Outbound, Session};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::codec::Codec;
-use crate::direct::{ReadSide, TcpWriter, direct_write_loop};
+use crate::direct::{ReadSide, TcpSocket, direct_write_loop};
 use crate::metrics::Metrics;
 
 /// Close code: the server needs the client to reconnect and `sync`.
@@ -150,14 +150,15 @@ pub async fn run_tcp_connection(
         }
     };
     let (read, write) = stream.into_split();
-    let writer = Arc::new(TcpWriter::new(
+    let Some(writer) = session.set_direct(TcpSocket::new(
         write,
         params.codec,
-        session.outbound_waker(),
         frames_counter(&metrics, "out", params.codec),
         metrics.fanout_latency.clone(),
-    ));
-    session.set_direct_write(writer.clone());
+    )) else {
+        // A fresh session has no direct path yet; this cannot happen.
+        return Ended::Client;
+    };
     let socket = WebSocketStream::from_raw_socket(
         ReadSide {
             pre,

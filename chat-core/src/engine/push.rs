@@ -75,7 +75,7 @@ async fn collect(
     pending: &mut HashMap<(UserId, ConversationId), PushNotification>,
 ) -> crate::Result<()> {
     let message = job.message;
-    let Some(conversation) = inner.store().conversation(message.conversation_id).await? else {
+    let Some(conversation) = inner.store.conversation(message.conversation_id).await? else {
         return Ok(());
     };
     let recipients: Vec<UserId> = conversation
@@ -87,7 +87,7 @@ async fn collect(
     if recipients.is_empty() {
         return Ok(());
     }
-    let connected = inner.presence().is_connected(&recipients).await?;
+    let connected = inner.presence.is_connected(&recipients).await?;
     for (user, live) in recipients.into_iter().zip(connected) {
         if live {
             continue;

@@ -3,276 +3,22 @@
 //! write it.
 
 use foldhash::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
-
-use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
-
-use super::session::Outbound;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::id::{ConnectionId, ConversationId, UserId};
 use crate::protocol::Frame;
 use crate::router::Topic;
-
-/// Why the engine asks a transport to close a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CloseReason {
-    /// The connection's outbound queue was full: it reads too slowly. It should reconnect and sync.
-    SlowConsumer,
-    /// The server is shutting down ("going away").
-    Shutdown,
-    /// Live delivery to this node had a gap (router lag, broker reconnect): reconnect and sync.
-    Resync,
-    /// The transport ended the connection (the client closed it, the socket failed, or the
-    /// transport refused a frame); see [`Session::request_close`](crate::Session::request_close).
-    Disconnected,
-}
-
-impl CloseReason {
-    /// A short text for close frames and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SlowConsumer => "slow consumer",
-            Self::Shutdown => "server shutting down",
-            Self::Resync => "resync required",
-            Self::Disconnected => "disconnected",
-        }
-    }
-}
-
-/// One item of a connection's outbound queue.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// Fan-out from other connections (counted against `outbound_queue`).
-    Live(Arc<Frame>),
-    /// A reply to the connection's own command (holds one of `reply_queue` slots).
-    Reply(Arc<Frame>),
-    /// Wakes a waiting writer to look at the close request.
-    Wake,
-}
+use crate::transport::Outbox;
 
 /// One live connection as the engine sees it.
-///
-/// Everything for the connection goes through **one** queue, in order (one wait for the
-/// writer, one channel's memory per connection), bounded by two counts: at most
-/// `outbound_queue` fan-out frames (one more means the client reads too slowly: slow consumer)
-/// and at most `reply_queue` replies (one more waits for room, slowing only this connection's
-/// own command loop). Replies never use the fan-out share, so a large `sync` replay cannot make
-/// live traffic look like a slow consumer.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
     /// Cluster-unique id.
     pub(crate) id: ConnectionId,
     /// The authenticated user.
     pub(crate) user: UserId,
-    /// The outbound queue (bounded by `shared`, not by the channel).
-    queue: mpsc::UnboundedSender<Out>,
-    /// The queue's bounds and the close request (one allocation: every delivery touches it).
-    pub(crate) shared: Arc<ConnShared>,
-    /// The transport's synchronous write path, if it registered one.
-    direct: OnceLock<Arc<dyn DirectWrite>>,
-}
-
-/// A transport's synchronous write path for one connection, registered with
-/// [`Session::set_direct_write`](crate::Session::set_direct_write).
-///
-/// Without one, every frame for a connection goes through its [`Outbound`](crate::Outbound)
-/// queue and the transport's writer task: one task wake-up per frame. With one, the engine
-/// first offers each frame to the transport, which writes it on the spot when its socket has
-/// room and nothing is pending, and otherwise hands it back to the queue. Order is the
-/// transport's to keep: once anything is pending (queued frames, a partly written frame), it
-/// must queue every further frame until its writer has drained the queue and found it empty
-/// under the same lock (see [`Outbound::is_empty`](crate::Outbound::is_empty)).
-pub trait DirectWrite: Send + Sync + std::fmt::Debug + 'static {
-    /// Writes `frame` now, or calls `queue(frame)` (while holding whatever makes the choice
-    /// atomic with respect to the writer going idle) and returns its result. `true`: the frame
-    /// was taken (written, owned by the transport to finish, queued, or dropped because the
-    /// connection is closing); `false`: `queue` refused it (the connection is a slow consumer).
-    ///
-    /// `may_write: false` asks for the queue even when the socket is idle: the engine is under
-    /// load (other sends wait for this fan-out to finish), and handing the writes to the
-    /// connections' writer tasks spreads them over the runtime's threads and lets each writer
-    /// batch several frames per system call. The transport must then queue, keeping order.
-    fn write_or_queue(
-        &self,
-        frame: &Arc<Frame>,
-        queue: &mut dyn FnMut(&Arc<Frame>) -> bool,
-        may_write: bool,
-    ) -> bool;
-}
-
-/// What a connection's engine side and its [`Outbound`] share.
-#[derive(Debug)]
-pub(crate) struct ConnShared {
-    /// Fan-out frames in the queue.
-    live: AtomicUsize,
-    live_max: usize,
-    /// Free reply slots.
-    reply_permits: Semaphore,
-    /// Why the connection is to be closed (first reason wins).
-    reason: OnceLock<CloseReason>,
-    /// A wake-up from an [`OutboundWaker`] is queued and not yet taken (at most one is).
-    woken: AtomicBool,
-    /// Cancelled with the first close reason.
-    pub(crate) token: CancellationToken,
-}
-
-impl ConnShared {
-    pub(crate) fn took_live(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// The reader took a wake-up item.
-    pub(crate) fn took_wake(&self) {
-        self.woken.store(false, Ordering::Release);
-    }
-
-    pub(crate) fn took_reply(&self) {
-        self.reply_permits.add_permits(1);
-    }
-
-    pub(crate) fn reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
-    }
-
-    /// True for the first request.
-    fn request_close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.set(reason).is_ok();
-        self.token.cancel();
-        first
-    }
-}
-
-impl ConnHandle {
-    /// A connection and its outbound side.
-    pub(crate) fn new(
-        id: ConnectionId,
-        user: UserId,
-        outbound_queue: usize,
-        reply_queue: usize,
-    ) -> (Self, Outbound) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(ConnShared {
-            live: AtomicUsize::new(0),
-            live_max: outbound_queue.max(1),
-            reply_permits: Semaphore::new(reply_queue.max(1)),
-            reason: OnceLock::new(),
-            token: CancellationToken::new(),
-            woken: AtomicBool::new(false),
-        });
-        let outbound = Outbound::new(rx, shared.clone());
-        (
-            Self {
-                id,
-                user,
-                queue: tx,
-                shared,
-                direct: OnceLock::new(),
-            },
-            outbound,
-        )
-    }
-
-    /// Delivers a fan-out frame (written directly when `may_write` and the transport can, else
-    /// queued); false when the connection already has its most fan-out frames queued (slow
-    /// consumer).
-    fn push(&self, frame: &Arc<Frame>, may_write: bool) -> bool {
-        match self.direct.get() {
-            Some(direct) => direct.write_or_queue(frame, &mut |f| self.queue_live(f), may_write),
-            None => self.queue_live(frame),
-        }
-    }
-
-    /// Queues a fan-out frame; false when the connection already has its most fan-out frames
-    /// queued (slow consumer).
-    fn queue_live(&self, frame: &Arc<Frame>) -> bool {
-        let shared = &self.shared;
-        if shared.live.fetch_add(1, Ordering::AcqRel) >= shared.live_max {
-            shared.took_live();
-            // Already being closed: not a new slow consumer.
-            return shared.token.is_cancelled();
-        }
-        if self.queue.send(Out::Live(frame.clone())).is_err() {
-            // The receiver is gone: the transport is tearing the connection down.
-            shared.took_live();
-        }
-        true
-    }
-
-    /// Queues a reply, waiting for a free reply slot (only this connection's own command loop
-    /// waits). False when the outbound side is gone.
-    pub(crate) async fn reply(&self, frame: Arc<Frame>) -> bool {
-        let Ok(permit) = self.shared.reply_permits.acquire().await else {
-            return false;
-        };
-        let Some(direct) = self.direct.get() else {
-            // The reader gives the slot back when it takes the frame.
-            permit.forget();
-            return self.queue.send(Out::Reply(frame)).is_ok();
-        };
-        let mut permit = Some(permit);
-        // Written directly: the slot is free again as soon as `permit` drops.
-        direct.write_or_queue(
-            &frame,
-            &mut |f| {
-                if let Some(p) = permit.take() {
-                    p.forget();
-                }
-                self.queue.send(Out::Reply(f.clone())).is_ok()
-            },
-            true,
-        )
-    }
-
-    /// Registers the transport's direct write path (once).
-    pub(crate) fn set_direct_write(&self, direct: Arc<dyn DirectWrite>) -> bool {
-        self.direct.set(direct).is_ok()
-    }
-
-    /// A handle that wakes the connection's writer (see [`OutboundWaker`]).
-    pub(crate) fn outbound_waker(&self) -> OutboundWaker {
-        OutboundWaker {
-            queue: self.queue.downgrade(),
-            shared: Arc::downgrade(&self.shared),
-        }
-    }
-
-    pub(crate) fn request_close(&self, reason: CloseReason) {
-        if self.shared.request_close(reason) {
-            // Wake a writer waiting for frames (once: the first reason wins).
-            let _ = self.queue.send(Out::Wake);
-        }
-    }
-
-    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        self.shared.reason()
-    }
-}
-
-/// Wakes a connection's writer: [`Outbound::recv_batch`](crate::Outbound::recv_batch) returns
-/// (with `Batch::Frames(0)` when nothing else is there). For a transport's [`DirectWrite`]
-/// that left work for its writer (a partly written frame). It does not keep the connection's
-/// queue open, and however often it is called, at most one wake-up waits in the queue.
-#[derive(Clone, Debug)]
-pub struct OutboundWaker {
-    queue: mpsc::WeakUnboundedSender<Out>,
-    shared: std::sync::Weak<ConnShared>,
-}
-
-impl OutboundWaker {
-    /// Wakes the writer; false when the connection is gone.
-    pub fn wake(&self) -> bool {
-        let (Some(queue), Some(shared)) = (self.queue.upgrade(), self.shared.upgrade()) else {
-            return false;
-        };
-        if shared.woken.swap(true, Ordering::AcqRel) {
-            // One is queued already: the writer will look.
-            return true;
-        }
-        queue.send(Out::Wake).is_ok()
-    }
+    /// Its outbound queue: the only way to the client (bounds included).
+    pub(crate) outbox: Outbox,
 }
 
 /// What removing a connection changed.
@@ -317,7 +63,7 @@ pub(crate) struct Delivery {
 
 impl Delivery {
     fn push(&mut self, conn: &Arc<ConnHandle>, frame: &Arc<Frame>, may_write: bool) {
-        if conn.push(frame, may_write) {
+        if conn.outbox.push_live(frame, may_write) {
             self.delivered += 1;
         } else {
             self.slow.push(conn.clone());
@@ -470,7 +216,7 @@ impl Registry {
     }
 
     /// Delivers `frame` to the local connections behind `topic`, minus the exceptions.
-    /// `may_write`: see [`DirectWrite::write_or_queue`].
+    /// `may_write: false` asks a direct write path to queue (see `transport::direct`).
     pub(crate) fn deliver(
         &self,
         topic: &Topic,

@@ -1,7 +1,8 @@
-//! Engine counters, read by `/metrics`.
+//! Engine counters, read by `/metrics`: the engine's own [`EngineObserver`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::observer::{EngineEvent, EngineObserver};
 use crate::error::ErrorCode;
 
 /// Monotonic counters (relaxed atomics: they are statistics, not synchronization).
@@ -19,42 +20,38 @@ pub(crate) struct Stats {
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
-impl Stats {
-    pub(crate) fn connected(&self) {
-        self.connections_total.fetch_add(1, Relaxed);
+impl EngineObserver for Stats {
+    fn observe(&self, event: &EngineEvent<'_>) {
+        let counter = match event {
+            EngineEvent::Connected { .. } => &self.connections_total,
+            EngineEvent::Disconnected { .. } => &self.disconnections_total,
+            EngineEvent::Command { .. } => &self.commands,
+            EngineEvent::CommandFailed { error, .. } => {
+                let code = error.code();
+                match ErrorCode::ALL.iter().position(|c| *c == code) {
+                    Some(i) => &self.errors[i],
+                    None => return,
+                }
+            }
+            EngineEvent::MessageStored { .. } => &self.messages_sent,
+            EngineEvent::Delivered { frames, to_writers } => {
+                if *to_writers {
+                    self.fanouts_to_writers.fetch_add(1, Relaxed);
+                }
+                if *frames > 0 {
+                    self.deliveries.fetch_add(*frames as u64, Relaxed);
+                }
+                return;
+            }
+            EngineEvent::Replied { .. } => &self.replies,
+            EngineEvent::SlowConsumer { .. } => &self.slow_consumers,
+            EngineEvent::RouterError { .. } => &self.router_errors,
+        };
+        counter.fetch_add(1, Relaxed);
     }
-    pub(crate) fn disconnected(&self) {
-        self.disconnections_total.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn command(&self) {
-        self.commands.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn message_sent(&self) {
-        self.messages_sent.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn delivered(&self, n: usize) {
-        if n > 0 {
-            self.deliveries.fetch_add(n as u64, Relaxed);
-        }
-    }
-    pub(crate) fn replied(&self) {
-        self.replies.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn slow_consumer(&self) {
-        self.slow_consumers.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn fanout_to_writers(&self) {
-        self.fanouts_to_writers.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn router_error(&self) {
-        self.router_errors.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn count_error(&self, code: ErrorCode) {
-        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
-            self.errors[i].fetch_add(1, Relaxed);
-        }
-    }
+}
 
+impl Stats {
     pub(crate) fn snapshot(&self, connections: usize) -> StatsSnapshot {
         StatsSnapshot {
             connections: connections as u64,
@@ -100,7 +97,7 @@ pub struct StatsSnapshot {
     pub router_errors: u64,
     /// Message fan-outs handed to the connections' writer tasks because the conversation was
     /// busy (instead of written to idle sockets by the sending task; see
-    /// [`DirectWrite`](crate::DirectWrite)).
+    /// [`crate::transport::direct`]).
     pub fanouts_to_writers: u64,
     /// Error frames by code.
     pub errors: Vec<(ErrorCode, u64)>,

@@ -2,19 +2,17 @@
 //! engine exactly as a WebSocket client would (commands in, events out, in order); hosts can use
 //! it to embed bots or server-side participants.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-
-use crate::engine::{Chat, CloseReason, Outbound, Session};
-use crate::error::{Error, Result};
+use crate::engine::Chat;
+use crate::error::Result;
 use crate::id::{ConnectionId, UserId};
-use crate::protocol::{Command, Event, Frame};
-use crate::transport::Transport;
+use crate::protocol::{Command, Event};
+use crate::transport::{CloseReason, Frame, Outbound, Session};
 
-/// The in-process transport. Attach it to a [`Chat`] (or let [`Transport::serve`] do it), then
-/// [`connect`](InProcessTransport::connect) clients.
+/// The in-process transport: [`connect`](InProcessTransport::connect) clients to a [`Chat`].
+/// It drives the engine through the same contract as any transport ([`crate::transport`]).
 ///
 /// ```
 /// use chat_core::{Chat, Command, Event, memory::InProcessTransport};
@@ -26,49 +24,30 @@ use crate::transport::Transport;
 /// assert!(matches!(alice.recv().await, Some(Event::SyncDone { .. })));
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct InProcessTransport {
-    /// The engine clients connect to (set once).
-    chat: OnceLock<Chat>,
+    /// The engine clients connect to.
+    chat: Chat,
 }
 
 impl InProcessTransport {
     /// A transport attached to `chat`.
     pub fn new(chat: Chat) -> Self {
-        let chat_cell = OnceLock::new();
-        let _ = chat_cell.set(chat);
-        Self { chat: chat_cell }
+        Self { chat }
     }
 
-    /// The engine, once attached.
-    pub fn chat(&self) -> Option<&Chat> {
-        self.chat.get()
+    /// The engine.
+    pub fn chat(&self) -> &Chat {
+        &self.chat
     }
 
     /// Connects a client authenticated as `user`.
     pub async fn connect(&self, user: impl Into<UserId>) -> Result<InProcessClient> {
-        let chat = self
-            .chat
-            .get()
-            .ok_or_else(|| Error::internal("in-process transport is not attached to a chat"))?;
-        let (session, outbound) = chat.connect(user.into()).await?;
+        let (session, outbound) = self.chat.connect(user.into()).await?;
         Ok(InProcessClient {
             session: Arc::new(session),
             outbound,
         })
-    }
-}
-
-#[async_trait]
-impl Transport for InProcessTransport {
-    fn name(&self) -> &'static str {
-        "in-process"
-    }
-
-    async fn serve(&self, chat: Chat) -> Result<()> {
-        let attached = self.chat.get_or_init(|| chat.clone());
-        attached.shutdown_requested().await;
-        Ok(())
     }
 }
 
