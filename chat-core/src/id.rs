@@ -28,9 +28,19 @@ const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
 const MAX_TIME: u64 = (1 << TIME_BITS) - 1;
 
 /// A user, as named by the host application (for example the JWT `sub` claim).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Deserializing checks it like [`UserId::parse`], so a client frame naming an empty or
+/// oversized user id is refused where it is decoded.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct UserId(Arc<str>);
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
 
 impl UserId {
     /// Longest accepted user id, in UTF-8 bytes.
@@ -451,5 +461,12 @@ mod tests {
         assert!(UserId::parse("").is_err());
         assert!(UserId::parse("a\nb").is_err());
         assert!(UserId::parse(&"x".repeat(257)).is_err());
+        // Deserializing checks the same way.
+        assert!(serde_json::from_str::<UserId>(r#""alice""#).is_ok());
+        for bad in [r#""""#, r#""a\u0000b""#] {
+            assert!(serde_json::from_str::<UserId>(bad).is_err(), "{bad}");
+        }
+        let long = format!("\"{}\"", "x".repeat(257));
+        assert!(serde_json::from_str::<UserId>(&long).is_err());
     }
 }

@@ -118,9 +118,9 @@ async fn a_direct_chat_across_nodes_carries_messages_typing_and_receipts() {
         }
     }
     // Typing never echoed to the typist's device on another node; nothing twice.
-    expect_nothing(&mut bob_laptop).await;
-    expect_nothing(&mut bob_phone).await;
-    expect_nothing(&mut alice).await;
+    expect_quiet(&mut bob_laptop).await;
+    expect_quiet(&mut bob_phone).await;
+    expect_quiet(&mut alice).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +185,7 @@ async fn membership_changes_reach_the_node_where_the_user_is_online() {
     tokio::time::sleep(QUIET).await;
     carol.drain();
     send_ok(&mut owner, conv, "after", "carol is gone").await;
-    expect_nothing(&mut carol).await;
+    expect_quiet(&mut carol).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -221,7 +221,7 @@ async fn presence_crosses_nodes_to_subscribers() {
             ..
         }
     ));
-    expect_nothing(&mut alice).await;
+    expect_quiet(&mut alice).await;
 }
 
 #[tokio::test]

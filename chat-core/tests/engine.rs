@@ -1302,12 +1302,24 @@ async fn presence_unsubscribe_stops_updates_and_limits_are_enforced() {
         .await;
     assert!(matches!(next(&mut alice).await, Event::Presence { .. }));
     alice
+        .send(Command::PresenceSubscribe {
+            user_ids: vec![UserId::from("carol")],
+        })
+        .await;
+    assert!(matches!(next(&mut alice).await, Event::Presence { .. }));
+    alice
         .send(Command::PresenceUnsubscribe {
             user_ids: vec![UserId::from("bob")],
         })
         .await;
+    // Bob comes online, then carol: presence changes reach watchers in order, so carol's
+    // arriving first proves bob's was not sent (no sleep needed).
     let _bob = h.connect("bob").await;
-    expect_nothing(&mut alice).await;
+    let _carol = h.connect("carol").await;
+    match next(&mut alice).await {
+        Event::Presence { user_id, .. } => assert_eq!(user_id, UserId::from("carol")),
+        other => panic!("expected carol's presence, got {other:?}"),
+    }
     // More users than a connection may watch: a typed error, the connection stays usable.
     let (code, _) = send_err(
         &mut alice,
@@ -1384,4 +1396,150 @@ async fn an_outbound_waker_queues_at_most_one_wake_up_however_often_it_is_called
     // Gone: waking reports it.
     tokio::task::yield_now().await;
     assert!(!waker.wake());
+}
+
+// ---------------------------------------------------------------- host API and observers
+
+#[tokio::test]
+async fn the_host_posts_a_system_message_that_every_member_device_gets_once() {
+    let h = Harness::new().await;
+    let conv = h.group("alice", &["bob"]).await;
+    let mut alice = h.connect("alice").await;
+    let mut bob = h.connect("bob").await;
+    let notice = SendMessage::system(conv, "welcome-1", "Welcome, Bob!");
+    let posted = h
+        .chat
+        .post_message(&UserId::from("alice"), notice.clone())
+        .await
+        .unwrap();
+    assert_eq!((posted.seq, posted.kind), (1, MessageKind::System));
+    // Every member device, the posting user's own included (there is no sending socket).
+    for c in [&mut alice, &mut bob] {
+        match next(c).await {
+            Event::Message { message } => assert_eq!(message, posted),
+            other => panic!("expected the notice, got {other:?}"),
+        }
+    }
+    // Idempotent like a client's send: the retry returns the original, nothing new goes out.
+    let again = h
+        .chat
+        .post_message(&UserId::from("alice"), notice)
+        .await
+        .unwrap();
+    assert_eq!(again.message_id, posted.message_id);
+    expect_nothing(&mut bob).await;
+    assert_eq!(h.history("bob", conv).await.len(), 1);
+    // A client may not send one; a non-member may not post one.
+    let (code, _) = send_err(
+        &mut bob,
+        Command::Message(SendMessage::system(conv, "s-1", "I am the system")),
+    )
+    .await;
+    assert_eq!(code, ErrorCode::Invalid);
+    let err = h
+        .chat
+        .post_message(
+            &UserId::from("mallory"),
+            SendMessage::text(conv, "m-1", "hi"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotMember);
+}
+
+#[tokio::test]
+async fn a_store_outage_while_checking_reply_to_is_reported_as_the_outage() {
+    let store = Arc::new(FaultStore::default());
+    let chat = chat_core::Chat::builder()
+        .store(store.clone())
+        .build()
+        .await
+        .unwrap();
+    let h = Harness {
+        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
+        chat,
+    };
+    let conv = h.direct("alice", "bob").await;
+    let mut alice = h.connect("alice").await;
+    let (first, _) = send_ok(&mut alice, conv, "r0", "first").await;
+    store
+        .fail_message_reads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let reply = SendMessage::text(conv, "r1", "a reply").reply_to(first);
+    let (code, _) = send_err(&mut alice, Command::Message(reply.clone())).await;
+    assert_eq!(code, ErrorCode::Internal, "an outage is not bad input");
+    store
+        .fail_message_reads
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // Back: the same send goes through, and a reply to nothing is bad input.
+    let (_, seq) = send_ok(&mut alice, conv, "r1", "a reply").await;
+    assert_eq!(seq, 2);
+    let bogus = SendMessage::text(conv, "r2", "?").reply_to(chat_core::MessageId::from_raw(7));
+    let (code, _) = send_err(&mut alice, Command::Message(bogus)).await;
+    assert_eq!(code, ErrorCode::Invalid);
+}
+
+/// An observer that records what it saw.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl chat_core::engine::EngineObserver for Recorder {
+    fn observe(&self, event: &chat_core::engine::EngineEvent<'_>) {
+        use chat_core::engine::EngineEvent as E;
+        let line = match event {
+            E::Connected { user, .. } => format!("connected {user}"),
+            E::Disconnected { .. } => "disconnected".into(),
+            E::Command { .. } => "command".into(),
+            E::CommandFailed { error, .. } => format!("failed {}", error.code().as_str()),
+            E::MessageStored { message } => format!("stored {}", message.seq),
+            E::Delivered { frames, .. } => format!("delivered {frames}"),
+            E::Replied { .. } => "replied".into(),
+            E::SlowConsumer { user, .. } => format!("slow {user}"),
+            E::RouterError { .. } => "router error".into(),
+            _ => "other".into(),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+#[tokio::test]
+async fn observers_see_what_the_engine_does_and_agree_with_its_counters() {
+    let recorder = Arc::new(Recorder::default());
+    let chat = chat_core::Chat::builder()
+        .observer(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let h = Harness {
+        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
+        chat,
+    };
+    let conv = h.direct("alice", "bob").await;
+    let mut alice = h.connect("alice").await;
+    let _bob = h.connect("bob").await;
+    recorder.0.lock().unwrap().clear();
+    send_ok(&mut alice, conv, "o1", "hi").await;
+    send_err(&mut alice, text(conv, "", "no id")).await;
+    let seen = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "command",
+            "stored 1",
+            "delivered 1",
+            "replied",
+            "command",
+            "failed invalid",
+            "replied"
+        ],
+        "{seen:?}"
+    );
+    let stats = h.chat.stats();
+    assert_eq!((stats.messages_sent, stats.deliveries), (1, 1));
+    let invalid = stats
+        .errors
+        .iter()
+        .find(|(c, _)| *c == ErrorCode::Invalid)
+        .map(|(_, n)| *n);
+    assert_eq!(invalid, Some(1));
 }

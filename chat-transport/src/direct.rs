@@ -229,7 +229,6 @@ pub(crate) async fn direct_write_loop(
                     reason,
                     params,
                     &state,
-                    &metrics,
                 ))
                 .await;
             }
@@ -241,7 +240,7 @@ pub(crate) async fn direct_write_loop(
                 Batch::CloseRequested(reason) => {
                     // Boxed (here and above): closing runs once, and its futures would otherwise
                     // take room in every idle writer's task.
-                    break Box::pin(direct_close(&w, &mut outbound, &mut batch, reason, params, &state, &metrics)).await;
+                    break Box::pin(direct_close(&w, &mut outbound, &mut batch, reason, params, &state)).await;
                 }
                 // Frames (in `batch`) or a wake-up for pending bytes: the loop drains them.
                 Batch::Frames(_) => w.take(),
@@ -346,9 +345,8 @@ async fn direct_close(
     reason: CloseReason,
     params: ConnectionParams,
     state: &ConnState,
-    metrics: &Metrics,
 ) -> Ended {
-    let closing = Closing::for_reason(reason, state, metrics);
+    let closing = Closing::for_reason(reason, state);
     if closing.flush_first {
         let _ = tokio::time::timeout(
             params.write_timeout,

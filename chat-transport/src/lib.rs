@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+mod api;
 pub mod auth;
 pub mod codec;
 mod direct;
@@ -42,4 +43,5 @@ mod gateway;
 pub mod metrics;
 pub mod ws;
 
-pub use gateway::{Gateway, GatewayConfig, GatewayResponse, error_response};
+pub use api::error_response;
+pub use gateway::{Gateway, GatewayConfig, GatewayResponse};

@@ -374,7 +374,7 @@ where
                 let n = match got {
                     Batch::Ended => break Ended::Client,
                     Batch::CloseRequested(reason) => {
-                        break close_requested(&mut sink, &mut outbound, reason, params, &state, &metrics).await;
+                        break close_requested(&mut sink, &mut outbound, reason, params, &state).await;
                     }
                     Batch::Frames(n) => n,
                 };
@@ -396,7 +396,7 @@ where
                     Some(false) => break Ended::Client,
                     None => {
                         let reason = outbound.close_reason().unwrap_or(CloseReason::Shutdown);
-                        break close_requested(&mut sink, &mut outbound, reason, params, &state, &metrics).await;
+                        break close_requested(&mut sink, &mut outbound, reason, params, &state).await;
                     }
                 }
             }
@@ -467,12 +467,11 @@ async fn close_requested<W>(
     reason: CloseReason,
     params: ConnectionParams,
     state: &ConnState,
-    metrics: &Metrics,
 ) -> Ended
 where
     W: Sink<Message, Error = WsError> + Unpin,
 {
-    let closing = Closing::for_reason(reason, state, metrics);
+    let closing = Closing::for_reason(reason, state);
     if closing.flush_first {
         while let Some(frame) = outbound.try_recv() {
             if let Some(m) = to_message(params.codec, &frame)
@@ -499,7 +498,7 @@ pub(crate) struct Closing {
 }
 
 impl Closing {
-    pub(crate) fn for_reason(reason: CloseReason, state: &ConnState, metrics: &Metrics) -> Self {
+    pub(crate) fn for_reason(reason: CloseReason, state: &ConnState) -> Self {
         let engine = |frame| Self {
             flush_first: false,
             frame: Some(frame),
@@ -513,7 +512,6 @@ impl Closing {
                 ended: Ended::Client,
             },
             CloseReason::SlowConsumer => {
-                metrics.slow_consumers.inc();
                 engine((CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync"))
             }
             CloseReason::Resync => engine((CLOSE_RESYNC, "resync required: reconnect and sync")),

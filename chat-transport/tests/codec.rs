@@ -479,6 +479,18 @@ fn protobuf_rejects_what_it_cannot_represent() {
         Codec::Proto.decode(&client(CF::Message(send.clone()))),
         "SendMessage.kind",
     );
+    // A user id that `UserId::parse` refuses is refused by both codecs where it is decoded.
+    invalid_proto(
+        Codec::Proto.decode(&client(CF::PresenceSubscribe(pb::UserIds {
+            user_ids: vec!["ok".into(), String::new()],
+        }))),
+        "UserIds.user_ids",
+    );
+    assert!(
+        Codec::Json
+            .decode(br#"{"type":"presence_subscribe","user_ids":["ok",""]}"#)
+            .is_err()
+    );
     // An unset kind is text, as in JSON.
     let cmd = Codec::Proto
         .decode(&client(CF::Message(pb::SendMessage { kind: 0, ..send })))
@@ -610,7 +622,7 @@ fn arb_msg_id() -> impl Strategy<Value = MessageId> {
 }
 
 fn arb_user() -> impl Strategy<Value = UserId> {
-    "\\PC{0,12}".prop_map(UserId::from)
+    "\\PC{1,12}".prop_map(UserId::from)
 }
 
 fn arb_text() -> impl Strategy<Value = String> {

@@ -540,6 +540,19 @@ async fn a_slow_consumer_is_cut_while_others_keep_receiving() {
         fast.recv_type("message").await["message"]["content"],
         "still flowing"
     );
+    // One cut, counted once: the gateway's name and the engine's carry the same count.
+    let cut = s.chat.stats().slow_consumers;
+    let (_, text) = s.http_raw("GET", "/metrics", Auth::None, None).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    for name in [
+        "chat_ws_slow_consumers_total",
+        "chat_engine_slow_consumers_total",
+    ] {
+        assert!(
+            text.lines().any(|l| l == format!("{name} {cut}")),
+            "{name} is not {cut}:\n{text}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -84,14 +84,7 @@ impl Harness {
 }
 
 pub fn text(conv: ConversationId, client_msg_id: &str, content: &str) -> Command {
-    Command::Message(SendMessage {
-        conversation_id: conv,
-        client_msg_id: client_msg_id.into(),
-        content: content.into(),
-        kind: Default::default(),
-        media: None,
-        reply_to: None,
-    })
+    Command::Message(SendMessage::text(conv, client_msg_id, content))
 }
 
 /// Receives until `pred` matches, failing after [`WAIT`]; returns the matching event.
@@ -119,8 +112,31 @@ pub async fn next(c: &mut InProcessClient) -> Event {
         .unwrap_or_else(|| panic!("{}: closed", c.user_id()))
 }
 
-/// Asserts that nothing arrives for [`QUIET`].
+/// Asserts that nothing was queued for `c` by what the test did before on this node: an
+/// empty `sync` is a barrier (its `sync_done` is queued after everything queued before it),
+/// so the next event must be that `sync_done`. No sleep, no timing. For events that reach a
+/// connection through a background task (another node, presence changes) use
+/// [`expect_quiet`] or a positive control instead.
 pub async fn expect_nothing(c: &mut InProcessClient) {
+    c.send(Command::Sync {
+        conversations: Default::default(),
+    })
+    .await;
+    match tokio::time::timeout(WAIT, c.recv()).await {
+        Ok(Some(Event::SyncDone {
+            conversations,
+            more,
+        })) if conversations.is_empty() && more.is_empty() => {}
+        Ok(Some(e)) => panic!("{}: unexpected event {e:?}", c.user_id()),
+        // Closed (and drained) or the barrier itself never came back: nothing arrived.
+        Ok(None) => {}
+        Err(_) => panic!("{}: the sync barrier was not answered", c.user_id()),
+    }
+}
+
+/// Asserts that nothing arrives for [`QUIET`]: for deliveries through another node, where no
+/// barrier on this connection covers them.
+pub async fn expect_quiet(c: &mut InProcessClient) {
     if let Ok(Some(e)) = tokio::time::timeout(QUIET, c.recv()).await {
         panic!("{}: unexpected event {e:?}", c.user_id());
     }
@@ -170,6 +186,8 @@ pub struct FaultStore {
     pub gate: std::sync::Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
     /// When true, `append` fails with `Unavailable` without storing.
     pub fail_appends: std::sync::atomic::AtomicBool,
+    /// When true, `message` (the one-message read) fails with `Unavailable`.
+    pub fail_message_reads: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -192,6 +210,12 @@ impl chat_core::MessageStore for FaultStore {
         c: ConversationId,
         id: chat_core::MessageId,
     ) -> chat_core::Result<Option<Message>> {
+        if self
+            .fail_message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(chat_core::Error::unavailable("fault", "injected outage"));
+        }
         self.inner.message(c, id).await
     }
     async fn change_message(

@@ -184,8 +184,12 @@ fn users_to_pb(ids: &[UserId]) -> pb::UserIds {
     }
 }
 
-fn users_from_pb(ids: pb::UserIds) -> Vec<UserId> {
-    ids.user_ids.into_iter().map(UserId::from).collect()
+/// Client-sent user ids, checked like [`UserId::parse`] (as the JSON codec does).
+fn users_from_pb(ids: pb::UserIds) -> Result<Vec<UserId>, DecodeError> {
+    ids.user_ids
+        .iter()
+        .map(|u| UserId::parse(u).map_err(|e| invalid(format!("UserIds.user_ids: {e}"))))
+        .collect()
 }
 
 impl From<&Command> for pb::ClientFrame {
@@ -291,10 +295,10 @@ impl TryFrom<pb::ClientFrame> for Command {
                     .collect(),
             },
             CF::PresenceSubscribe(u) => Command::PresenceSubscribe {
-                user_ids: users_from_pb(u),
+                user_ids: users_from_pb(u)?,
             },
             CF::PresenceUnsubscribe(u) => Command::PresenceUnsubscribe {
-                user_ids: users_from_pb(u),
+                user_ids: users_from_pb(u)?,
             },
         })
     }
