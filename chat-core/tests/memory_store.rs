@@ -7,4 +7,4 @@ use std::sync::Arc;
 use chat_core::memory::MemoryStore;
 use chat_core::store::DynMessageStore;
 
-chat_core::store_conformance_tests!(async { Arc::new(MemoryStore::new()) as DynMessageStore });
+chat_core::store_conformance_tests!(|| async { Arc::new(MemoryStore::new()) as DynMessageStore });

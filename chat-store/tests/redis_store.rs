@@ -49,7 +49,7 @@ async fn redis_test_store() -> (DynMessageStore, Arc<RedisServer>) {
     (Arc::new(store), server)
 }
 
-chat_core::store_conformance_tests!(with_guard, redis_test_store());
+chat_core::store_conformance_tests!(with_guard, redis_test_store);
 
 // ------------------------------------------------------------------- Redis-specific cases
 

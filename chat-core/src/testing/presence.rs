@@ -121,64 +121,86 @@ where
     factory(timing.config).await
 }
 
+/// Builds the tracker of one case and what must outlive it (used by the macro's `with_guard`
+/// form).
+pub async fn build_guarded<F, Fut, T, G>(timing: &Timing, factory: F) -> (T, G)
+where
+    F: FnOnce(PresenceConfig) -> Fut,
+    Fut: Future<Output = (T, G)>,
+    T: PresenceTracker,
+{
+    factory(timing.config).await
+}
+
 /// Expands the presence conformance suite into one `#[tokio::test]` per case.
 ///
-/// Forms (see [`crate::testing::presence`]):
-/// * `presence_conformance_tests!(factory)` — tokio's paused clock, [`Timing::paused`];
-/// * `presence_conformance_tests!(paused_clock, factory)` — the same, explicitly;
-/// * `presence_conformance_tests!(real_clock, factory)` — the real clock, [`Timing::real_clock`];
-/// * `presence_conformance_tests!(real_clock, timing = expr, factory)` — the real clock with
-///   custom [`Timing`].
+/// The shape of the three suites (see [`crate::store_conformance_tests`]): an optional
+/// `with_guard,` (the factory then returns `(tracker, guard)`, the guard living until the case
+/// ends), the clock, then the factory closure `|config: PresenceConfig| async move { … }`
+/// returning a `T: PresenceTracker`. Clocks (see [`crate::testing::presence`]):
+/// * none or `paused_clock,` — tokio's paused clock, [`Timing::paused`];
+/// * `real_clock,` — the real clock, [`Timing::real_clock`];
+/// * `real_clock, timing = expr,` — the real clock with custom [`Timing`].
 ///
-/// `factory` is an expression of type `FnOnce(PresenceConfig) -> impl Future<Output = T>` with
-/// `T: PresenceTracker`, typically `|config: PresenceConfig| async move { … }`. Invoke the
-/// macro at module level of an integration test (it defines functions).
+/// Invoke the macro at module level of an integration test (it defines functions).
 #[macro_export]
 macro_rules! presence_conformance_tests {
-    (@cases $mode:ident, $timing:expr, $factory:expr) => {
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, connect_turns_online_and_emits_a_change);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, never_seen_user_is_offline_without_last_seen);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, presence_answers_in_the_order_asked);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, second_device_keeps_the_user_online);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, disconnect_turns_offline_after_the_debounce);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, reconnect_within_the_debounce_does_not_flap);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, session_not_heartbeated_expires_after_ttl_and_debounce);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, heartbeated_sessions_stay_online_across_ttls);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, heartbeat_revives_an_expired_session);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, is_connected_ignores_the_debounce);
-        $crate::presence_conformance_tests!(@case $mode, $timing, $factory, disconnect_of_an_unknown_session_is_harmless);
+    (@cases $mode:ident, $build:ident, $timing:expr, $factory:expr) => {
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, connect_turns_online_and_emits_a_change);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, never_seen_user_is_offline_without_last_seen);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, presence_answers_in_the_order_asked);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, second_device_keeps_the_user_online);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, disconnect_turns_offline_after_the_debounce);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, reconnect_within_the_debounce_does_not_flap);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, session_not_heartbeated_expires_after_ttl_and_debounce);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, heartbeated_sessions_stay_online_across_ttls);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, heartbeat_revives_an_expired_session);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, is_connected_ignores_the_debounce);
+        $crate::presence_conformance_tests!(@case $mode, $build, $timing, $factory, disconnect_of_an_unknown_session_is_harmless);
     };
-    (@case paused, $timing:expr, $factory:expr, $case:ident) => {
+    (@case paused, $build:ident, $timing:expr, $factory:expr, $case:ident) => {
         #[::tokio::test(start_paused = true)]
         async fn $case() {
             let timing = $timing;
-            let tracker = $crate::testing::presence::build(&timing, $factory).await;
-            $crate::testing::presence::$case(&tracker, &timing).await;
+            $crate::presence_conformance_tests!(@run $build, timing, $factory, $case);
         }
     };
-    (@case real, $timing:expr, $factory:expr, $case:ident) => {
+    (@case real, $build:ident, $timing:expr, $factory:expr, $case:ident) => {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $case() {
             let timing = $timing;
-            let tracker = $crate::testing::presence::build(&timing, $factory).await;
-            $crate::testing::presence::$case(&tracker, &timing).await;
+            $crate::presence_conformance_tests!(@run $build, timing, $factory, $case);
         }
     };
-    (real_clock, timing = $timing:expr, $factory:expr $(,)?) => {
-        $crate::presence_conformance_tests!(@cases real, $timing, $factory);
+    (@run build, $timing:ident, $factory:expr, $case:ident) => {
+        let tracker = $crate::testing::presence::build(&$timing, $factory).await;
+        $crate::testing::presence::$case(&tracker, &$timing).await;
     };
-    (real_clock, $factory:expr $(,)?) => {
+    (@run build_guarded, $timing:ident, $factory:expr, $case:ident) => {
+        let (tracker, _guard) = $crate::testing::presence::build_guarded(&$timing, $factory).await;
+        $crate::testing::presence::$case(&tracker, &$timing).await;
+    };
+    (@clock $build:ident, real_clock, timing = $timing:expr, $factory:expr $(,)?) => {
+        $crate::presence_conformance_tests!(@cases real, $build, $timing, $factory);
+    };
+    (@clock $build:ident, real_clock, $factory:expr $(,)?) => {
         $crate::presence_conformance_tests!(
-            @cases real, $crate::testing::presence::Timing::real_clock(), $factory
+            @cases real, $build, $crate::testing::presence::Timing::real_clock(), $factory
         );
     };
-    (paused_clock, $factory:expr $(,)?) => {
+    (@clock $build:ident, paused_clock, $factory:expr $(,)?) => {
         $crate::presence_conformance_tests!(
-            @cases paused, $crate::testing::presence::Timing::paused(), $factory
+            @cases paused, $build, $crate::testing::presence::Timing::paused(), $factory
         );
     };
-    ($factory:expr $(,)?) => {
-        $crate::presence_conformance_tests!(paused_clock, $factory);
+    (@clock $build:ident, $factory:expr $(,)?) => {
+        $crate::presence_conformance_tests!(@clock $build, paused_clock, $factory);
+    };
+    (with_guard, $($rest:tt)*) => {
+        $crate::presence_conformance_tests!(@clock build_guarded, $($rest)*);
+    };
+    ($($rest:tt)*) => {
+        $crate::presence_conformance_tests!(@clock build, $($rest)*);
     };
 }
 

@@ -70,29 +70,78 @@ pub const INBOX_CAPACITY: usize = 1024;
 
 /// Expands the router conformance suite into one `#[tokio::test]` per case.
 ///
-/// `router_conformance_tests!(factory)`, where `factory` is an expression of type
-/// `FnOnce(Vec<NodeId>) -> impl Future<Output = Vec<DynRouter>>`, typically
-/// `|nodes: Vec<NodeId>| async move { … }` (see [`crate::testing::router`]). Invoke it at
-/// module level of an integration test (it defines functions).
+/// The shape of the three suites (see [`crate::store_conformance_tests`]):
+/// `router_conformance_tests!([with_guard,] factory)`, where `factory` is a closure
+/// `|nodes: Vec<NodeId>| async move { … }` returning one router per node id (see
+/// [`crate::testing::router`]); in the `with_guard` form it returns `(routers, guard)` and the
+/// guard (a test server, say) lives until the case ends. Invoke it at module level of an
+/// integration test (it defines functions).
 #[macro_export]
 macro_rules! router_conformance_tests {
-    (@case $factory:expr, $case:ident) => {
+    (@case plain, $factory:expr, $case:ident) => {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $case() {
             $crate::testing::router::$case($factory).await;
         }
     };
-    ($factory:expr $(,)?) => {
-        $crate::router_conformance_tests!(@case $factory, delivers_to_subscribed_nodes_only);
-        $crate::router_conformance_tests!(@case $factory, origin_never_receives_its_own_envelope);
-        $crate::router_conformance_tests!(@case $factory, unsubscribe_stops_delivery);
-        $crate::router_conformance_tests!(@case $factory, user_topics_route_to_their_subscribers);
-        $crate::router_conformance_tests!(@case $factory, each_envelope_arrives_once_per_node);
-        $crate::router_conformance_tests!(@case $factory, payloads_round_trip_intact);
-        $crate::router_conformance_tests!(@case $factory, order_from_one_publisher_is_preserved);
-        $crate::router_conformance_tests!(@case $factory, publish_without_subscribers_is_ok);
-        $crate::router_conformance_tests!(@case $factory, full_inbox_reports_lagged);
+    (@case guard, $factory:expr, $case:ident) => {
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let guard = $crate::testing::router::Guard::default();
+            $crate::testing::router::$case(guard.wrap($factory)).await;
+        }
     };
+    (@all $mode:ident, $factory:expr) => {
+        $crate::router_conformance_tests!(@case $mode, $factory, delivers_to_subscribed_nodes_only);
+        $crate::router_conformance_tests!(@case $mode, $factory, origin_never_receives_its_own_envelope);
+        $crate::router_conformance_tests!(@case $mode, $factory, unsubscribe_stops_delivery);
+        $crate::router_conformance_tests!(@case $mode, $factory, user_topics_route_to_their_subscribers);
+        $crate::router_conformance_tests!(@case $mode, $factory, each_envelope_arrives_once_per_node);
+        $crate::router_conformance_tests!(@case $mode, $factory, payloads_round_trip_intact);
+        $crate::router_conformance_tests!(@case $mode, $factory, order_from_one_publisher_is_preserved);
+        $crate::router_conformance_tests!(@case $mode, $factory, publish_without_subscribers_is_ok);
+        $crate::router_conformance_tests!(@case $mode, $factory, full_inbox_reports_lagged);
+    };
+    (with_guard, $factory:expr $(,)?) => {
+        $crate::router_conformance_tests!(@all guard, $factory);
+    };
+    ($factory:expr $(,)?) => {
+        $crate::router_conformance_tests!(@all plain, $factory);
+    };
+}
+
+/// Keeps what a `with_guard` factory returned beside its routers until the case ends (used by
+/// the macro).
+#[derive(Debug)]
+pub struct Guard<G>(std::sync::Arc<std::sync::Mutex<Option<G>>>);
+
+impl<G> Default for Guard<G> {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(None)))
+    }
+}
+
+impl<G: Send + 'static> Guard<G> {
+    /// A plain factory that keeps the guard of `factory`'s result here.
+    pub fn wrap<F, Fut>(
+        &self,
+        factory: F,
+    ) -> impl FnOnce(Vec<NodeId>) -> std::pin::Pin<Box<dyn Future<Output = Vec<DynRouter>> + Send>>
+    where
+        F: FnOnce(Vec<NodeId>) -> Fut + Send + 'static,
+        Fut: Future<Output = (Vec<DynRouter>, G)> + Send + 'static,
+    {
+        let slot = self.0.clone();
+        move |nodes| {
+            Box::pin(async move {
+                let (routers, guard) = factory(nodes).await;
+                *slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(guard);
+                routers
+            })
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1479,8 +1479,10 @@ pub async fn concurrent_appends_keep_conversation_lists_ordered(store: &DynMessa
 /// Expands the [`MessageStore`] conformance suite ([`crate::testing::store`]) into one
 /// `#[tokio::test(flavor = "multi_thread", worker_threads = 4)]` per case, named after the case.
 ///
-/// The argument is an expression evaluating to a future of a fresh
-/// [`DynMessageStore`](crate::store::DynMessageStore); it is evaluated once per test:
+/// The shape is the same for the three suites ([`crate::store_conformance_tests`],
+/// [`crate::presence_conformance_tests`], [`crate::router_conformance_tests`]): an optional
+/// `with_guard,` then a **factory closure** from the suite's inputs (none here) to a future of
+/// the part, called once per test:
 ///
 /// ```
 /// use std::sync::Arc;
@@ -1489,24 +1491,22 @@ pub async fn concurrent_appends_keep_conversation_lists_ordered(store: &DynMessa
 ///
 /// mod memory {
 ///     use super::*;
-///     chat_core::store_conformance_tests!(async { Arc::new(MemoryStore::new()) as DynMessageStore });
+///     chat_core::store_conformance_tests!(|| async { Arc::new(MemoryStore::new()) as DynMessageStore });
 /// }
 ///
-/// // A backend that needs setup passes a call to an async factory, made afresh for each test
-/// // (e.g. connect to the test server and pick a random key prefix).
-/// mod with_factory {
+/// // A backend that needs setup passes an async fn (e.g. connect to the test server and pick
+/// // a random key prefix). One whose store needs something kept alive while the case runs (a
+/// // test server process, a temporary directory) returns `(store, guard)` in the `with_guard`
+/// // form; the guard is dropped after the case.
+/// mod with_guard {
 ///     use super::*;
-///     async fn fresh_store() -> DynMessageStore {
-///         Arc::new(MemoryStore::new())
+///     async fn fresh_store() -> (DynMessageStore, std::path::PathBuf) {
+///         (Arc::new(MemoryStore::new()), std::env::temp_dir())
 ///     }
-///     chat_core::store_conformance_tests!(fresh_store());
+///     chat_core::store_conformance_tests!(with_guard, fresh_store);
 /// }
 /// # fn main() {}
 /// ```
-///
-/// A factory whose store needs something kept alive while the case runs (a test server
-/// process, a temporary directory) returns `(store, guard)` and is passed as
-/// `store_conformance_tests!(with_guard, factory())`; the guard is dropped after the case.
 ///
 /// Invoke it inside a module to run the suite for several backends in one test crate. The
 /// calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
@@ -1541,7 +1541,7 @@ macro_rules! store_conformance_tests {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let store: $crate::store::DynMessageStore = ($factory).await;
+                let store: $crate::store::DynMessageStore = ($factory)().await;
                 $crate::testing::store::$case(&store).await;
             }
         )*
@@ -1551,7 +1551,7 @@ macro_rules! store_conformance_tests {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 // The guard (e.g. the test server the store talks to) lives until the case ends.
-                let (store, _guard): ($crate::store::DynMessageStore, _) = ($factory).await;
+                let (store, _guard): ($crate::store::DynMessageStore, _) = ($factory)().await;
                 $crate::testing::store::$case(&store).await;
             }
         )*
