@@ -46,15 +46,7 @@ async fn message_is_acked_after_it_is_in_history_and_reaches_members() {
 #[tokio::test]
 async fn no_ack_and_no_fan_out_until_the_store_has_the_message() {
     let store = Arc::new(FaultStore::default());
-    let chat = chat_core::Chat::builder()
-        .store(store.clone())
-        .build()
-        .await
-        .unwrap();
-    let h = Harness {
-        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
-        chat,
-    };
+    let h = Harness::from_builder(chat_core::Chat::builder().store(store.clone())).await;
     let conv = h.direct("alice", "bob").await;
     let mut alice = h.connect("alice").await;
     let mut bob = h.connect("bob").await;
@@ -512,15 +504,7 @@ async fn hooks_can_reject_and_rewrite_commands() {
             Ok(())
         }
     }
-    let chat = chat_core::Chat::builder()
-        .hook(Arc::new(Moderation))
-        .build()
-        .await
-        .unwrap();
-    let h = Harness {
-        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
-        chat,
-    };
+    let h = Harness::from_builder(chat_core::Chat::builder().hook(Arc::new(Moderation))).await;
     let conv = h.direct("alice", "bob").await;
     let mut alice = h.connect("alice").await;
     let (code, _) = send_err(&mut alice, text(conv, "f", "forbidden word")).await;
@@ -1252,15 +1236,7 @@ async fn offline_members_get_one_coalesced_push() {
         }
     }
     let pushes = Arc::new(Collect::default());
-    let chat = chat_core::Chat::builder()
-        .push_notifier(pushes.clone())
-        .build()
-        .await
-        .unwrap();
-    let h = Harness {
-        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
-        chat,
-    };
+    let h = Harness::from_builder(chat_core::Chat::builder().push_notifier(pushes.clone())).await;
     let conv = h.group("alice", &["online", "offline"]).await;
     let mut alice = h.connect("alice").await;
     let _online = h.connect("online").await;
@@ -1450,15 +1426,7 @@ async fn the_host_posts_a_system_message_that_every_member_device_gets_once() {
 #[tokio::test]
 async fn a_store_outage_while_checking_reply_to_is_reported_as_the_outage() {
     let store = Arc::new(FaultStore::default());
-    let chat = chat_core::Chat::builder()
-        .store(store.clone())
-        .build()
-        .await
-        .unwrap();
-    let h = Harness {
-        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
-        chat,
-    };
+    let h = Harness::from_builder(chat_core::Chat::builder().store(store.clone())).await;
     let conv = h.direct("alice", "bob").await;
     let mut alice = h.connect("alice").await;
     let (first, _) = send_ok(&mut alice, conv, "r0", "first").await;
@@ -1505,15 +1473,7 @@ impl chat_core::engine::EngineObserver for Recorder {
 #[tokio::test]
 async fn observers_see_what_the_engine_does_and_agree_with_its_counters() {
     let recorder = Arc::new(Recorder::default());
-    let chat = chat_core::Chat::builder()
-        .observer(recorder.clone())
-        .build()
-        .await
-        .unwrap();
-    let h = Harness {
-        transport: chat_core::memory::InProcessTransport::new(chat.clone()),
-        chat,
-    };
+    let h = Harness::from_builder(chat_core::Chat::builder().observer(recorder.clone())).await;
     let conv = h.direct("alice", "bob").await;
     let mut alice = h.connect("alice").await;
     let _bob = h.connect("bob").await;

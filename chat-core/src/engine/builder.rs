@@ -135,14 +135,12 @@ impl ChatBuilder {
         let chat = Chat { inner };
         let weak = Arc::downgrade(&chat.inner);
         let token = chat.inner.shutdown.clone();
-        tokio::spawn(tasks::router_loop(weak.clone(), token.clone(), inbox_rx));
-        tokio::spawn(tasks::presence_loop(
-            weak.clone(),
-            token.clone(),
-            presence_rx,
-        ));
-        tokio::spawn(tasks::heartbeat_loop(weak.clone(), token.clone()));
-        tokio::spawn(tasks::housekeeping_loop(weak.clone(), token.clone()));
+        let engine = || tasks::Stopping::new(weak.clone(), token.clone());
+        let heartbeat = chat.inner.config.presence.heartbeat_interval();
+        tokio::spawn(tasks::router_loop(engine(), inbox_rx));
+        tokio::spawn(tasks::presence_loop(engine(), presence_rx));
+        tokio::spawn(tasks::heartbeat_loop(engine(), heartbeat));
+        tokio::spawn(tasks::housekeeping_loop(engine()));
         if let Some((_, rx, notifier)) = push {
             tokio::spawn(push_worker(weak, token, rx, notifier));
         }

@@ -2,6 +2,7 @@
 //! changes to watchers, the batched presence heartbeat, and housekeeping. Each holds only a
 //! `Weak` of the engine and ends with [`Chat::shutdown`] (or when the engine is dropped).
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::{broadcast, mpsc};
@@ -15,18 +16,41 @@ use crate::protocol::Frame;
 use crate::router::{Inbound, Payload};
 use crate::transport::CloseReason;
 
-pub(super) async fn router_loop(
+/// What a background task holds of the engine: a `Weak` (the task never keeps the engine
+/// alive) and the shutdown token.
+#[derive(Debug)]
+pub(super) struct Stopping {
     weak: Weak<Inner>,
     token: CancellationToken,
-    mut inbox: mpsc::Receiver<Inbound>,
-) {
-    loop {
-        let inbound = tokio::select! {
-            _ = token.cancelled() => return,
-            i = inbox.recv() => match i { Some(i) => i, None => return },
+}
+
+impl Stopping {
+    pub(super) fn new(weak: Weak<Inner>, token: CancellationToken) -> Self {
+        Self { weak, token }
+    }
+
+    /// Waits for `next`; returns it with the engine, or `None` once the engine stopped
+    /// (shut down or dropped) or `next` says the source ended.
+    async fn next<T>(&self, next: impl Future<Output = Option<T>>) -> Option<(T, Chat)> {
+        let item = tokio::select! {
+            _ = self.token.cancelled() => return None,
+            item = next => item?,
         };
-        let Some(inner) = weak.upgrade() else { return };
-        let chat = Chat { inner };
+        let inner = self.weak.upgrade()?;
+        Some((item, Chat { inner }))
+    }
+}
+
+/// A ticker that waits one `period` before its first tick and does not catch up after a
+/// stall.
+fn ticker(period: std::time::Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+pub(super) async fn router_loop(engine: Stopping, mut inbox: mpsc::Receiver<Inbound>) {
+    while let Some((inbound, chat)) = engine.next(inbox.recv()).await {
         match inbound {
             Inbound::Envelope(envelope) => match &envelope.payload {
                 Payload::Event {
@@ -55,48 +79,36 @@ pub(super) async fn router_loop(
                         .await;
                 }
             },
-            Inbound::Lagged => {
-                // Live delivery to this node had a gap: every local client must resync from the
-                // store. Closing makes them reconnect and sync (the documented client recipe).
-                warn!("router lagged: asking every local connection to resync");
-                let jitter_ms = chat.inner.config.resync_jitter.as_millis() as u64;
-                for conn in chat.inner.registry.connections() {
-                    // Spread deterministically by connection id (a Snowflake: its low bits
-                    // are well mixed across connections).
-                    let delay = std::time::Duration::from_millis(
-                        conn.id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) % (jitter_ms + 1),
-                    );
-                    let chat = chat.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        conn.outbox.request_close(CloseReason::Resync);
-                        chat.disconnect(conn.id).await;
-                    });
-                }
-            }
+            Inbound::Lagged => resync_everyone(&chat),
         }
     }
 }
 
-pub(super) async fn presence_loop(
-    weak: Weak<Inner>,
-    token: CancellationToken,
-    mut changes: broadcast::Receiver<Presence>,
-) {
-    loop {
-        let received = tokio::select! {
-            _ = token.cancelled() => return,
-            r = changes.recv() => r,
-        };
-        let Some(inner) = weak.upgrade() else { return };
-        let chat = Chat { inner };
+/// Live delivery to this node had a gap: every local client must resync from the store.
+/// Closing makes them reconnect and sync (the documented client recipe), spread over
+/// `resync_jitter`.
+fn resync_everyone(chat: &Chat) {
+    warn!("router lagged: asking every local connection to resync");
+    let jitter_ms = chat.inner.config.resync_jitter.as_millis() as u64;
+    for conn in chat.inner.registry.connections() {
+        // Spread deterministically by connection id (a Snowflake: its low bits are well mixed
+        // across connections).
+        let delay = std::time::Duration::from_millis(
+            conn.id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) % (jitter_ms + 1),
+        );
+        let chat = chat.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            conn.outbox.request_close(CloseReason::Resync);
+            chat.disconnect(conn.id).await;
+        });
+    }
+}
+
+pub(super) async fn presence_loop(engine: Stopping, mut changes: broadcast::Receiver<Presence>) {
+    while let Some((received, chat)) = engine.next(async { Some(changes.recv().await) }).await {
         match received {
-            Ok(p) => {
-                let user = p.user_id.clone();
-                let frame = Arc::new(Frame::new(presence_event(p)));
-                let delivery = chat.inner.registry.deliver_watchers(&user, &frame);
-                chat.close_slow(delivery, false);
-            }
+            Ok(p) => to_watchers(&chat, p),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 warn!(
                     missed = n,
@@ -105,14 +117,7 @@ pub(super) async fn presence_loop(
                 let users = chat.inner.registry.watched_users();
                 for chunk in users.chunks(500) {
                     match chat.inner.presence.presence(chunk).await {
-                        Ok(list) => {
-                            for p in list {
-                                let user = p.user_id.clone();
-                                let frame = Arc::new(Frame::new(presence_event(p)));
-                                let d = chat.inner.registry.deliver_watchers(&user, &frame);
-                                chat.close_slow(d, false);
-                            }
-                        }
+                        Ok(list) => list.into_iter().for_each(|p| to_watchers(&chat, p)),
                         Err(err) => warn!(error = %err, "presence re-read failed"),
                     }
                 }
@@ -122,42 +127,32 @@ pub(super) async fn presence_loop(
     }
 }
 
-pub(super) async fn heartbeat_loop(weak: Weak<Inner>, token: CancellationToken) {
-    let period = match weak.upgrade() {
-        Some(inner) => inner.config.presence.heartbeat_interval(),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(inner) = weak.upgrade() else { return };
-        let sessions = inner.registry.sessions();
+/// A user's presence to the connections here that watch it.
+fn to_watchers(chat: &Chat, p: Presence) {
+    let user = p.user_id.clone();
+    let frame = Arc::new(Frame::new(presence_event(p)));
+    let delivery = chat.inner.registry.deliver_watchers(&user, &frame);
+    chat.close_slow(delivery, false);
+}
+
+pub(super) async fn heartbeat_loop(engine: Stopping, period: std::time::Duration) {
+    let mut tick = ticker(period);
+    while let Some((_, chat)) = engine.next(async { Some(tick.tick().await) }).await {
+        let sessions = chat.inner.registry.sessions();
         if sessions.is_empty() {
             continue;
         }
-        if let Err(err) = inner.presence.heartbeat(&sessions).await {
+        if let Err(err) = chat.inner.presence.heartbeat(&sessions).await {
             warn!(error = %err, "presence heartbeat failed");
         }
     }
 }
 
-pub(super) async fn housekeeping_loop(weak: Weak<Inner>, token: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(inner) = weak.upgrade() else { return };
-        inner.typing.prune();
-        for hook in &inner.hooks {
+pub(super) async fn housekeeping_loop(engine: Stopping) {
+    let mut tick = ticker(std::time::Duration::from_secs(30));
+    while let Some((_, chat)) = engine.next(async { Some(tick.tick().await) }).await {
+        chat.inner.typing.prune();
+        for hook in &chat.inner.hooks {
             hook.housekeeping();
         }
     }

@@ -25,7 +25,12 @@ impl Harness {
     }
 
     pub async fn with(f: impl FnOnce(&mut ChatConfig)) -> Self {
-        let chat = Chat::builder().configure(f).build().await.unwrap();
+        Self::from_builder(Chat::builder().configure(f)).await
+    }
+
+    /// An engine built from `builder` (a store with faults, an observer…).
+    pub async fn from_builder(builder: chat_core::ChatBuilder) -> Self {
+        let chat = builder.build().await.unwrap();
         let transport = InProcessTransport::new(chat.clone());
         Self { chat, transport }
     }
