@@ -1,0 +1,128 @@
+//! The README's two-minute tour, as a test: `chat-server` on the in-memory default (dev mode),
+//! a conversation created over HTTP, and two `chat-cli` processes (the terminal client the
+//! project ships) exchanging a message over real WebSockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_testkit::free_port;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// `POST /api/conversations?user=alice` over a plain socket; the created conversation's id.
+async fn create_direct(port: u16) -> Option<String> {
+    let body = r#"{"kind":"direct","members":["bob"]}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let req = format!(
+        "POST /api/conversations?user=alice HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.ok()?;
+    let json: Value = serde_json::from_str(resp.split("\r\n\r\n").nth(1)?).ok()?;
+    json["id"].as_str().map(str::to_owned)
+}
+
+fn cli(url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_chat-cli"))
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn chat-cli")
+}
+
+/// Waits until `child` printed `what` on stderr (its "connected" line); returns the rest of
+/// its stderr, to keep the pipe open.
+async fn wait_stderr(
+    child: &mut Child,
+    what: &str,
+) -> tokio::io::Lines<BufReader<tokio::process::ChildStderr>> {
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, err.next_line())
+        .await
+        .expect("chat-cli said nothing")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(line.contains(what), "chat-cli: {line}");
+    err
+}
+
+#[tokio::test]
+async fn the_tour_works_with_the_shipped_terminal_client() {
+    let port = free_port();
+    let _server = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .env("CHAT_BIND", format!("127.0.0.1:{port}"))
+        .env_remove("CHAT_JWT_SECRET")
+        .env_remove("CHAT_REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn chat-server");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let conv = loop {
+        if let Some(id) = create_direct(port).await {
+            break id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let mut bob = cli(&format!("ws://127.0.0.1:{port}/ws?user=bob"));
+    let _bob_err = wait_stderr(&mut bob, "connected").await;
+    let mut alice = cli(&format!("ws://127.0.0.1:{port}/ws?user=alice"));
+    let _alice_err = wait_stderr(&mut alice, "connected").await;
+    let frame = format!(
+        r#"{{"type":"message","conversation_id":"{conv}","client_msg_id":"m1","content":"hi bob"}}"#
+    );
+    let mut stdin = alice.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{frame}\n").as_bytes())
+        .await
+        .unwrap();
+
+    let mut alice_out = BufReader::new(alice.stdout.take().unwrap()).lines();
+    let ack: Value = serde_json::from_str(
+        &tokio::time::timeout(WAIT, alice_out.next_line())
+            .await
+            .expect("no ack")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("message_ack"), Some(1))
+    );
+    let mut bob_out = BufReader::new(bob.stdout.take().unwrap()).lines();
+    let got: Value = serde_json::from_str(
+        &tokio::time::timeout(WAIT, bob_out.next_line())
+            .await
+            .expect("bob got nothing")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got["type"], "message");
+    assert_eq!(got["message"]["content"], "hi bob");
+    // Ctrl-D (end of input) closes alice's client cleanly.
+    drop(stdin);
+    let status = tokio::time::timeout(WAIT, alice.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
