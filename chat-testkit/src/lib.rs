@@ -103,6 +103,29 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open and nothing is answered, like a
+    /// hung Redis or a black-holed network. [`resume`](Self::resume) thaws it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`pause`](Self::pause)d server (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            panic!("redis-server on port {} is not running", self.port);
+        };
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill {signal}: {e}"));
+        assert!(status.success(), "kill {signal} {pid} failed: {status}");
+    }
+
     /// Starts it again on the same port (after [`kill`](Self::kill)).
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -152,6 +175,10 @@ mod tests {
         r.kill().await;
         assert!(!ping(r.addr()).await);
         r.restart().await;
+        assert!(ping(r.addr()).await);
+        r.pause();
+        assert!(!ping(r.addr()).await, "a paused server answered");
+        r.resume();
         assert!(ping(r.addr()).await);
     }
 }
