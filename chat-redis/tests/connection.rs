@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chat_core::Error;
 use chat_redis::{RedisConnection, RedisOptions, Script, redis};
-use chat_testkit::RedisServer;
+use chat_testkit::{RedisServer, SilentServer};
 
 /// An outer bound on every await of these tests: a hang fails the test instead of blocking it.
 const HANG: Duration = Duration::from_secs(20);
@@ -257,16 +257,9 @@ async fn script_error_codes_become_domain_errors_and_the_rest_unavailable() {
 
 #[tokio::test]
 async fn connecting_to_a_server_that_never_answers_fails_within_the_deadline() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket); // read nothing, answer nothing
-        }
-    });
+    let silent = SilentServer::start().await;
     let op_timeout = Duration::from_millis(600);
-    let client = chat_redis::client(&format!("redis://{addr}/")).unwrap();
+    let client = chat_redis::client(&silent.url()).unwrap();
     let started = Instant::now();
     let r = tokio::time::timeout(
         HANG,
@@ -291,5 +284,4 @@ async fn connecting_to_a_server_that_never_answers_fails_within_the_deadline() {
     .await
     .expect("connecting to a closed port must not hang");
     assert!(is_redis_unavailable(&r), "{r:?}");
-    hold.abort();
 }

@@ -301,21 +301,14 @@ async fn connection_failures_and_bad_arguments() {
 /// connecting fails with `Unavailable` within the operation timeout instead of hanging.
 #[tokio::test]
 async fn a_server_that_never_answers_gives_unavailable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket); // read nothing, answer nothing
-        }
-    });
+    let silent = chat_testkit::SilentServer::start().await;
     let options = RedisOptions::default()
         .with_op_timeout(Duration::from_millis(800))
         .with_connect_timeout(Duration::from_millis(300))
         .with_response_timeout(Duration::from_millis(300));
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        RedisStore::connect_with(&format!("redis://{addr}/"), "p", options),
+        RedisStore::connect_with(&silent.url(), "p", options),
     )
     .await
     .expect("connecting to a silent server must not hang");
@@ -329,7 +322,6 @@ async fn a_server_that_never_answers_gives_unavailable() {
         ),
         "{r:?}"
     );
-    hold.abort();
 }
 
 /// `unread` (three O(log n) counts over the per-sender and deleted seq sets) agrees with its
