@@ -16,7 +16,7 @@ use chat_core::model::{
 use chat_core::store::{Appended, MarkerUpdate, MessageStore};
 use chat_core::{Error, Result};
 use chat_redis::redis::{self, Value};
-use chat_redis::{Query, RedisConnection, RedisOptions, Script};
+use chat_redis::{RedisConnection, RedisOptions, Script};
 
 use self::codec::{
     array, decode_conversation, decode_member, decode_message, encode, encode_new,
@@ -144,15 +144,6 @@ impl RedisStore {
         &self.keys.prefix
     }
 
-    /// Runs one command or pipeline, under the shared layer's deadline and retry rule.
-    async fn exec<T: redis::FromRedisValue>(
-        &self,
-        what: &'static str,
-        query: &impl Query,
-    ) -> Result<T> {
-        self.conn.query(what, query).await
-    }
-
     /// Runs a script with `keys` and `args` (the prefix is prepended to `args` as `ARGV[1]`).
     ///
     /// Under the shared layer's retry rule a call may reach Redis twice (the first call after
@@ -219,7 +210,7 @@ impl RedisStore {
             .arg("LIMIT")
             .arg(0)
             .arg(redis_count(limit));
-        let (exists, page): (bool, Value) = self.exec("timeline range", &pipe).await?;
+        let (exists, page): (bool, Value) = self.conn.query("timeline range", &pipe).await?;
         if !exists {
             return Err(unknown(conversation));
         }
@@ -368,7 +359,7 @@ impl MessageStore for RedisStore {
     async fn last_seq(&self, conversation: ConversationId) -> Result<u64> {
         let mut cmd = redis::cmd("HGET");
         cmd.arg(self.keys.conv(conversation)).arg("last_seq");
-        let last: Option<String> = self.exec("last seq", &cmd).await?;
+        let last: Option<String> = self.conn.query("last seq", &cmd).await?;
         parse_u64(&last.ok_or_else(|| unknown(conversation))?)
     }
 
@@ -439,7 +430,7 @@ impl MessageStore for RedisStore {
         let mut pipe = redis::pipe();
         pipe.hget(self.keys.members(conversation), user.as_str())
             .exists(self.keys.conv(conversation));
-        let (entry, exists): (Option<String>, bool) = self.exec("member", &pipe).await?;
+        let (entry, exists): (Option<String>, bool) = self.conn.query("member", &pipe).await?;
         if !exists {
             return Err(unknown(conversation));
         }
@@ -492,7 +483,7 @@ impl MessageStore for RedisStore {
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
         let mut cmd = redis::cmd("ZRANGE");
         cmd.arg(self.keys.user(user)).arg(0).arg(-1);
-        let entries: Vec<String> = self.exec("conversation ids", &cmd).await?;
+        let entries: Vec<String> = self.conn.query("conversation ids", &cmd).await?;
         entries
             .iter()
             .map(|e| parse_entry(e).map(|(_, id)| id))
