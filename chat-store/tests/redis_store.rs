@@ -259,6 +259,32 @@ async fn survives_a_redis_crash_and_reconnects() {
     );
 }
 
+/// The first operation after Redis restarted, a read or a script, succeeds: the shared layer
+/// retries it once on the new connection (and once more after loading the scripts the new
+/// server does not have).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_operation_after_a_redis_restart_succeeds() {
+    let mut server =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let options = RedisOptions::default().with_op_timeout(Duration::from_secs(3));
+    let store = RedisStore::connect_with(&server.url(), &random_prefix(), options)
+        .await
+        .unwrap();
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let first = fx.send(&store, conv.id, &users[0], "before").await;
+
+    server.restart().await;
+    let read = store.messages_after(conv.id, 0, 10).await;
+    assert_eq!(read.expect("the first read after the restart"), [first]);
+    server.restart().await;
+    let appended = store
+        .append(fx.new_message(conv.id, &users[1], "after", "after"))
+        .await
+        .expect("the first append after another restart");
+    assert_eq!(appended.message.seq, 2);
+}
+
 /// Connecting to a port where nothing listens fails with `Unavailable` (not a hang, not a
 /// panic); bad arguments are `Invalid`.
 #[tokio::test]
