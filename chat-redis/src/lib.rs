@@ -23,8 +23,7 @@
 //!   server restarted) is sent once more on the reconnected connection; a call answered
 //!   `NOSCRIPT` (the server's script cache is empty after a restart or `SCRIPT FLUSH`) is sent
 //!   once more after the scripts are loaded again. Each at most once per call, within the same
-//!   deadline. Every call must
-//!   therefore be safe to repeat.
+//!   deadline. Every call must therefore be safe to repeat.
 //! * **Errors.** [`map_error`] turns the `CHAT_*` error replies of the SDK's Lua scripts into
 //!   the matching domain error (`NotFound`, `NotMember`, …) and everything else into
 //!   `Unavailable` (for which [`chat_core::Error::is_transient`] is true).
