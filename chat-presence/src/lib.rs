@@ -10,7 +10,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `redis` | yes | [`RedisPresence`], [`RedisRouter`], [`RedisOptions`] (the `redis` client crate with tokio, connection manager and scripts) |
+//! | `redis` | yes | [`RedisPresence`], [`RedisRouter`], [`RedisOptions`] (the `redis` client crate with tokio, connection manager and scripts, through the shared connection layer `chat-redis`) |
 //!
 //! Without the `redis` feature the crate is empty. Both types need standalone Redis ≥ 5 (tested with 7)
 //! (or a Sentinel-managed primary); Redis Cluster is not supported (the presence scripts touch
@@ -102,10 +102,13 @@
 //!
 //! ## Failures
 //!
-//! Every call has a deadline ([`RedisOptions::op_timeout`], default 2 s) and fails with
-//! `Error::Unavailable { backend: "redis", .. }` past it: nothing hangs while Redis is down. The
-//! command connection reconnects on its own (a call that hit a dropped connection is tried once
-//! more). The pub/sub connection is re-established with backoff and every channel subscribed
+//! Both types talk to Redis through `chat-redis`, the connection layer every Redis backend of
+//! the SDK shares (the same options, deadlines, retry rule and errors as chat-store's
+//! `RedisStore`). Every call has a deadline ([`RedisOptions::op_timeout`], default 2 s) and
+//! fails with `Error::Unavailable { backend: "redis", .. }` past it: nothing hangs while Redis is
+//! down. The command connection reconnects on its own (a call that hit a dropped connection is
+//! tried once more, and once more after loading the scripts again if the server lost them).
+//! The pub/sub connection is re-established with backoff and every channel subscribed
 //! again; [`RedisRouter`] then reports [`Inbound::Lagged`](chat_core::router::Inbound::Lagged)
 //! (live delivery had a gap: the engine makes clients resync from the store) and
 //! [`RedisPresence`] re-reads its watched users and broadcasts their current presence.
@@ -121,10 +124,6 @@
 //! sessions.
 
 #[cfg(feature = "redis")]
-mod conn;
-#[cfg(feature = "redis")]
-mod options;
-#[cfg(feature = "redis")]
 mod presence;
 #[cfg(feature = "redis")]
 mod pubsub;
@@ -134,7 +133,7 @@ mod router;
 mod scripts;
 
 #[cfg(feature = "redis")]
-pub use options::RedisOptions;
+pub use chat_redis::RedisOptions;
 #[cfg(feature = "redis")]
 pub use presence::RedisPresence;
 #[cfg(feature = "redis")]

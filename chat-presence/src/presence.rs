@@ -9,14 +9,13 @@ use async_trait::async_trait;
 use chat_core::model::{Presence, PresenceStatus};
 use chat_core::presence::{PresenceConfig, PresenceTracker};
 use chat_core::{ConnectionId, Error, NodeId, Result, UserId};
-use redis::{Script, Value};
+use chat_redis::redis::{self, Value};
+use chat_redis::{RedisConnection, RedisOptions, Script};
 use tokio::sync::{Notify, broadcast};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::conn::{self, Commands};
-use crate::options::RedisOptions;
 use crate::pubsub::{SubEvent, Subscriber};
 use crate::scripts;
 
@@ -99,14 +98,14 @@ impl RedisPresence {
         if config.ttl < Duration::from_millis(1) {
             return Err(Error::invalid("presence TTL must be at least 1 ms"));
         }
-        let client = conn::client(url)?;
+        let client = chat_redis::client(url)?;
         let db = client.get_connection_info().redis_settings().db();
-        let commands = Commands::connect(
-            client.clone(),
-            &options,
-            &[scripts::TOUCH, scripts::END, scripts::SWEEP],
-        )
-        .await?;
+        let (touch, end, sweep) = (
+            Script::new(scripts::TOUCH),
+            Script::new(scripts::END),
+            Script::new(scripts::SWEEP),
+        );
+        let commands = RedisConnection::connect(&client, &options, &[&touch, &end, &sweep]).await?;
         let keyspace_events = keyspace_events_enabled(&commands).await;
         if !keyspace_events {
             warn!(
@@ -126,9 +125,9 @@ impl RedisPresence {
             keys,
             config,
             commands,
-            touch: Script::new(scripts::TOUCH),
-            end: Script::new(scripts::END),
-            sweep: Script::new(scripts::SWEEP),
+            touch,
+            end,
+            sweep,
             changes,
             watched: Mutex::new(HashSet::new()),
             timer: Arc::new(Timer::new()),
@@ -326,7 +325,7 @@ struct Shared {
     /// TTL and debounce (the same on every node).
     config: PresenceConfig,
     /// The command connection.
-    commands: Commands,
+    commands: RedisConnection,
     /// `TOUCH`, `END`, `SWEEP` (their hashes, for `EVALSHA`).
     touch: Script,
     end: Script,
@@ -351,10 +350,8 @@ impl Shared {
     /// `EVALSHA <script> 0 prefix ttl debounce`: the start of every script call (the scripts
     /// build their key names from the prefix).
     fn eval(&self, script: &Script) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash())
-            .arg(0)
-            .arg(&self.keys.prefix)
+        let mut cmd = script.call(&[]);
+        cmd.arg(&self.keys.prefix)
             .arg(millis(self.config.ttl).max(1))
             .arg(millis(self.config.offline_debounce));
         cmd
@@ -573,7 +570,7 @@ async fn sweep_loop(shared: Weak<Shared>, timer: Arc<Timer>) {
 
 /// Whether `notify-keyspace-events` includes expired-key events (`E` plus `x` or `A`).
 /// Unknown (the server refuses `CONFIG`, as managed services may) counts as off.
-async fn keyspace_events_enabled(commands: &Commands) -> bool {
+async fn keyspace_events_enabled(commands: &RedisConnection) -> bool {
     let mut cmd = redis::cmd("CONFIG");
     cmd.arg("GET").arg("notify-keyspace-events");
     match commands

@@ -13,16 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use chat_core::{Error, Result};
+use chat_redis::redis::Client;
+use chat_redis::redis::aio::{PubSubSink, PubSubStream};
+use chat_redis::{RedisOptions, connect_pubsub, redis, timed_out, unavailable};
 use futures::StreamExt;
-use redis::Client;
-use redis::aio::{PubSub, PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
-
-use crate::conn::{timed_out, unavailable};
-use crate::options::RedisOptions;
 
 /// What the task hands to its owner's handler.
 #[derive(Debug)]
@@ -100,7 +98,7 @@ impl Subscriber {
         initial: Vec<String>,
         handler: Handler,
     ) -> Result<Self> {
-        let pubsub = connect(&client, options).await?;
+        let pubsub = connect_pubsub(&client, options).await?;
         let (sink, stream) = pubsub.split();
         let op_timeout = options.checked_op_timeout();
         match tokio::time::timeout(op_timeout, subscribe_all(&sink, &initial)).await {
@@ -162,15 +160,6 @@ impl Subscriber {
             .await
             .map_err(|_| timed_out("pub/sub request", self.answer_timeout))?
     }
-}
-
-/// Opens a pub/sub connection (bounded by `op_timeout`).
-async fn connect(client: &Client, options: &RedisOptions) -> Result<PubSub> {
-    let op_timeout = options.checked_op_timeout();
-    tokio::time::timeout(op_timeout, client.get_async_pubsub())
-        .await
-        .map_err(|_| timed_out("connecting to Redis (pub/sub)", op_timeout))?
-        .map_err(unavailable)
 }
 
 /// One `SUBSCRIBE` per channel (the `redis` crate matches one reply to one request, and a
@@ -260,7 +249,7 @@ impl Task {
                 }
             }
             *backoff = (*backoff * 2).min(self.options.checked_reconnect_max());
-            let pubsub = match connect(&self.client, &self.options).await {
+            let pubsub = match connect_pubsub(&self.client, &self.options).await {
                 Ok(pubsub) => pubsub,
                 Err(e) => {
                     debug!(error = %e, "redis pub/sub reconnect failed");

@@ -9,8 +9,8 @@ use chat_core::{Error, NodeId, Result};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::conn::{self, Commands};
-use crate::options::RedisOptions;
+use chat_redis::{RedisConnection, RedisOptions, redis};
+
 use crate::pubsub::{SubEvent, Subscriber};
 
 /// A [`Router`] over Redis pub/sub: one channel per topic, one subscriber connection per node.
@@ -54,7 +54,7 @@ pub struct RedisRouter {
     /// Channel names start with it.
     prefix: String,
     /// The command connection (publishes).
-    commands: Commands,
+    commands: RedisConnection,
     /// This node's pub/sub connection.
     subscriber: Subscriber,
     /// Where received envelopes go.
@@ -76,8 +76,8 @@ impl RedisRouter {
         node: NodeId,
         options: RedisOptions,
     ) -> Result<Self> {
-        let client = conn::client(url)?;
-        let commands = Commands::connect(client.clone(), &options, &[]).await?;
+        let client = chat_redis::client(url)?;
+        let commands = RedisConnection::connect(&client, &options, &[]).await?;
         let inbox = LossyInbox::new();
         let handler = {
             let inbox = inbox.clone();

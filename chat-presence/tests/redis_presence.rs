@@ -341,6 +341,43 @@ async fn survives_a_redis_restart() {
     }
 }
 
+/// The first call after Redis restarted meets a dead connection *and* a server without the
+/// scripts; the shared layer retries once for each, so the call succeeds (no call has to fail
+/// for the tracker to recover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_a_redis_restart_succeeds() {
+    let mut server = RedisServer::start().await;
+    let config = PresenceConfig {
+        ttl: Duration::from_secs(5),
+        offline_debounce: Duration::from_secs(1),
+    };
+    let options = RedisOptions::default().with_op_timeout(Duration::from_secs(3));
+    let tracker =
+        RedisPresence::connect_with(&server.url(), &fresh_prefix(), node(1), config, options)
+            .await
+            .unwrap();
+    let dave = UserId::from("dave");
+    let session = ConnectionId::from_raw(3);
+    tracker.connect(&dave, session).await.unwrap();
+    server.restart().await;
+    tracker
+        .heartbeat(&[(dave.clone(), session)])
+        .await
+        .expect("the first heartbeat after the restart");
+    assert_eq!(
+        tracker
+            .is_connected(std::slice::from_ref(&dave))
+            .await
+            .unwrap(),
+        [true]
+    );
+    server.restart().await;
+    tracker
+        .disconnect(&dave, session)
+        .await
+        .expect("the first disconnect after another restart");
+}
+
 /// `unwatch` unsubscribes: the node no longer hears of that user (checked against a barrier:
 /// a change of a still-watched user, published after, must come first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `redis` | **yes** | [`RedisStore`] and [`RedisStoreOptions`], on the `redis` crate (tokio, scripts, connection manager) |
+//! | `redis` | **yes** | [`RedisStore`] and [`RedisOptions`], on the `redis` crate (tokio, scripts, connection manager) through `chat-redis`, the Redis connection layer shared with `chat-presence` |
 //! | `scylla` | no | `ScyllaStore` (planned) |
 //!
 //! `redis` is a default feature so that `cargo test --workspace` builds and runs the Redis tests;
@@ -33,7 +33,7 @@
 //! use chat_store::RedisStore;
 //!
 //! // Every key starts with "chat:"; two deployments on one Redis use two prefixes.
-//! let store = RedisStore::new("redis://127.0.0.1:6379/", "chat").await?;
+//! let store = RedisStore::connect("redis://127.0.0.1:6379/", "chat").await?;
 //! let chat = Chat::builder().store(Arc::new(store)).build().await?;
 //! # let _ = chat;
 //! # Ok(()) }
@@ -41,7 +41,7 @@
 //!
 //! ## Redis: what is stored where
 //!
-//! `<p>` is the prefix given to [`RedisStore::new`], `<cid>` a conversation id and `<mid>` a
+//! `<p>` is the prefix given to [`RedisStore::connect`], `<cid>` a conversation id and `<mid>` a
 //! message id (decimal Snowflakes), `<user>` a user id as given by the host, `<seq>` a decimal
 //! sequence number. Nothing expires; nothing is deleted except as described.
 //!
@@ -106,10 +106,13 @@
 //!
 //! ## Redis: availability
 //!
-//! [`RedisStore`] keeps one multiplexed connection that reconnects by itself. While Redis is
-//! down every operation fails with `Error::Unavailable { backend: "redis", .. }` within
-//! [`RedisStoreOptions::operation_timeout`] (5 s by default) instead of hanging; operations
-//! succeed again as soon as Redis is back. A failed `append` may or may not have been applied
+//! [`RedisStore`] keeps one multiplexed connection that reconnects by itself (the connection
+//! layer of `chat-redis`, shared with `chat-presence`: the same [`RedisOptions`], deadlines,
+//! retry rule and errors). While Redis is down every operation fails with
+//! `Error::Unavailable { backend: "redis", .. }` within [`RedisOptions::op_timeout`] (2 s by
+//! default) instead of hanging; operations succeed again as soon as Redis is back. A call that
+//! hit a dropped connection is sent once more on the new one (and once more after loading the
+//! scripts again, which a restarted Redis has lost), within the same deadline. A failed `append` may or may not have been applied
 //! (the reply was lost): retrying it with the same `client_msg_id` is safe, which is what
 //! idempotent sends are for.
 
@@ -117,4 +120,6 @@
 mod redis_store;
 
 #[cfg(feature = "redis")]
-pub use redis_store::{RedisStore, RedisStoreOptions};
+pub use chat_redis::RedisOptions;
+#[cfg(feature = "redis")]
+pub use redis_store::RedisStore;

@@ -17,7 +17,7 @@ use chat_core::Error;
 use chat_core::model::{Message, MessageChange, ReceiptKind};
 use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
-use chat_store::{RedisStore, RedisStoreOptions};
+use chat_store::{RedisOptions, RedisStore};
 use chat_testkit::RedisServer;
 
 /// The server shared by the tests of this process that are running at the moment: each test
@@ -43,7 +43,7 @@ fn random_prefix() -> String {
 /// it alive while the case runs.
 async fn redis_test_store() -> (DynMessageStore, Arc<RedisServer>) {
     let server = shared_server().await;
-    let store = RedisStore::new(&server.url(), &random_prefix())
+    let store = RedisStore::connect(&server.url(), &random_prefix())
         .await
         .expect("connect to the test redis-server");
     (Arc::new(store), server)
@@ -61,8 +61,8 @@ async fn two_nodes_append_gap_free() {
     const TASKS_PER_NODE: usize = 8;
     let server = shared_server().await;
     let prefix = random_prefix();
-    let node_a = Arc::new(RedisStore::new(&server.url(), &prefix).await.unwrap());
-    let node_b = Arc::new(RedisStore::new(&server.url(), &prefix).await.unwrap());
+    let node_a = Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap());
+    let node_b = Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap());
     let fx = Arc::new(Fixture::new());
     let (conv, users) = fx.group(&*node_a, 4).await;
 
@@ -110,7 +110,7 @@ async fn data_survives_a_new_connection() {
     let prefix = random_prefix();
     let fx = Fixture::new();
     let (conv, users, sent, key) = {
-        let first = RedisStore::new(&server.url(), &prefix).await.unwrap();
+        let first = RedisStore::connect(&server.url(), &prefix).await.unwrap();
         let (conv, users) = fx.group(&first, 2).await;
         let mut sent = Vec::new();
         for i in 0..5 {
@@ -127,7 +127,7 @@ async fn data_survives_a_new_connection() {
         (conv, users, sent, key)
     };
 
-    let second = RedisStore::new(&server.url(), &prefix).await.unwrap();
+    let second = RedisStore::connect(&server.url(), &prefix).await.unwrap();
     assert_eq!(second.prefix(), prefix);
     assert_eq!(second.messages_after(conv.id, 0, 100).await.unwrap(), sent);
     let now = second.conversation(conv.id).await.unwrap().unwrap();
@@ -159,7 +159,7 @@ async fn data_survives_a_new_connection() {
         conv.id
     );
 
-    let other = RedisStore::new(&server.url(), &random_prefix())
+    let other = RedisStore::connect(&server.url(), &random_prefix())
         .await
         .unwrap();
     assert_eq!(other.conversation(conv.id).await.unwrap(), None);
@@ -173,11 +173,11 @@ async fn data_survives_a_new_connection() {
 async fn survives_a_redis_crash_and_reconnects() {
     let mut server =
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
-    let options = RedisStoreOptions::default()
-        .with_operation_timeout(Duration::from_millis(1_500))
+    let options = RedisOptions::default()
+        .with_op_timeout(Duration::from_millis(1_500))
         .with_connect_timeout(Duration::from_millis(300))
         .with_response_timeout(Duration::from_millis(500));
-    let store = RedisStore::with_options(&server.url(), &random_prefix(), options)
+    let store = RedisStore::connect_with(&server.url(), &random_prefix(), options)
         .await
         .unwrap();
     let fx = Fixture::new();
@@ -259,18 +259,44 @@ async fn survives_a_redis_crash_and_reconnects() {
     );
 }
 
+/// The first operation after Redis restarted, a read or a script, succeeds: the shared layer
+/// retries it once on the new connection (and once more after loading the scripts the new
+/// server does not have).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_operation_after_a_redis_restart_succeeds() {
+    let mut server =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let options = RedisOptions::default().with_op_timeout(Duration::from_secs(3));
+    let store = RedisStore::connect_with(&server.url(), &random_prefix(), options)
+        .await
+        .unwrap();
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let first = fx.send(&store, conv.id, &users[0], "before").await;
+
+    server.restart().await;
+    let read = store.messages_after(conv.id, 0, 10).await;
+    assert_eq!(read.expect("the first read after the restart"), [first]);
+    server.restart().await;
+    let appended = store
+        .append(fx.new_message(conv.id, &users[1], "after", "after"))
+        .await
+        .expect("the first append after another restart");
+    assert_eq!(appended.message.seq, 2);
+}
+
 /// Connecting to a port where nothing listens fails with `Unavailable` (not a hang, not a
 /// panic); bad arguments are `Invalid`.
 #[tokio::test]
 async fn connection_failures_and_bad_arguments() {
     let port = chat_testkit::free_port();
-    let options = RedisStoreOptions::default()
-        .with_operation_timeout(Duration::from_secs(2))
+    let options = RedisOptions::default()
+        .with_op_timeout(Duration::from_secs(2))
         .with_connect_timeout(Duration::from_millis(200))
         .with_reconnect_attempts(1);
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        RedisStore::with_options(&format!("redis://127.0.0.1:{port}/"), "p", options),
+        RedisStore::connect_with(&format!("redis://127.0.0.1:{port}/"), "p", options),
     )
     .await
     .expect("connecting must not hang");
@@ -284,12 +310,12 @@ async fn connection_failures_and_bad_arguments() {
         ),
         "{r:?}"
     );
-    let r = RedisStore::new("not a url", "p").await;
+    let r = RedisStore::connect("not a url", "p").await;
     assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     let server = shared_server().await;
-    let r = RedisStore::new(&server.url(), "").await;
+    let r = RedisStore::connect(&server.url(), "").await;
     assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
-    let store = RedisStore::new(&server.url(), "p").await.unwrap();
+    let store = RedisStore::connect(&server.url(), "p").await.unwrap();
     let debug = format!("{store:?}");
     assert!(
         debug.contains("RedisStore") && !debug.contains("127.0.0.1"),
@@ -301,21 +327,14 @@ async fn connection_failures_and_bad_arguments() {
 /// connecting fails with `Unavailable` within the operation timeout instead of hanging.
 #[tokio::test]
 async fn a_server_that_never_answers_gives_unavailable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket); // read nothing, answer nothing
-        }
-    });
-    let options = RedisStoreOptions::default()
-        .with_operation_timeout(Duration::from_millis(800))
+    let silent = chat_testkit::SilentServer::start().await;
+    let options = RedisOptions::default()
+        .with_op_timeout(Duration::from_millis(800))
         .with_connect_timeout(Duration::from_millis(300))
         .with_response_timeout(Duration::from_millis(300));
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        RedisStore::with_options(&format!("redis://{addr}/"), "p", options),
+        RedisStore::connect_with(&silent.url(), "p", options),
     )
     .await
     .expect("connecting to a silent server must not hang");
@@ -329,7 +348,6 @@ async fn a_server_that_never_answers_gives_unavailable() {
         ),
         "{r:?}"
     );
-    hold.abort();
 }
 
 /// `unread` (three O(log n) counts over the per-sender and deleted seq sets) agrees with its

@@ -103,6 +103,29 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open and nothing is answered, like a
+    /// hung Redis or a black-holed network. [`resume`](Self::resume) thaws it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`pause`](Self::pause)d server (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            panic!("redis-server on port {} is not running", self.port);
+        };
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill {signal}: {e}"));
+        assert!(status.success(), "kill {signal} {pid} failed: {status}");
+    }
+
     /// Starts it again on the same port (after [`kill`](Self::kill)).
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -116,6 +139,50 @@ impl Drop for RedisServer {
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP server on 127.0.0.1 that accepts connections and never reads or answers anything: a
+/// hung Redis or a black-holed network, for deadline tests. Stops (closing every connection)
+/// on drop.
+#[derive(Debug)]
+pub struct SilentServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentServer {
+    /// Starts it on a free port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a silent server: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("silent server without an address: {e}"));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket); // read nothing, answer nothing
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -152,6 +219,10 @@ mod tests {
         r.kill().await;
         assert!(!ping(r.addr()).await);
         r.restart().await;
+        assert!(ping(r.addr()).await);
+        r.pause();
+        assert!(!ping(r.addr()).await, "a paused server answered");
+        r.resume();
         assert!(ping(r.addr()).await);
     }
 }

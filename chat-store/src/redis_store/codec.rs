@@ -7,7 +7,7 @@ use chat_core::model::{
     Conversation, ConversationKind, Media, Member, Message, MessageKind, NewMessage, Role,
 };
 use chat_core::{Error, Result};
-use redis::Value;
+use chat_redis::redis::Value;
 use serde::{Deserialize, Serialize};
 
 /// Width of the zero-padded `last_activity` in a conversation-list entry (`u64::MAX` has 20

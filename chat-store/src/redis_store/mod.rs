@@ -5,9 +5,7 @@ mod codec;
 mod scripts;
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
@@ -17,8 +15,8 @@ use chat_core::model::{
 };
 use chat_core::store::{Appended, MarkerUpdate, MessageStore};
 use chat_core::{Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Value};
+use chat_redis::redis::{self, Value};
+use chat_redis::{RedisConnection, RedisOptions, Script};
 
 use self::codec::{
     array, decode_conversation, decode_member, decode_message, encode, encode_new,
@@ -26,74 +24,9 @@ use self::codec::{
     uint,
 };
 
-/// The `backend` of every [`Error::Unavailable`] this store returns.
-const BACKEND: &str = "redis";
-
 /// How often [`MessageStore::change_message`] re-reads a message that changed between its read
 /// and its compare-and-set before giving up with [`Error::Conflict`].
 const CAS_ATTEMPTS: usize = 16;
-
-/// Timeouts of a [`RedisStore`]. Every store operation either completes or fails with
-/// [`Error::Unavailable`] within [`operation_timeout`](Self::operation_timeout), also while
-/// Redis is down or unreachable.
-///
-/// ```
-/// use std::time::Duration;
-/// use chat_store::RedisStoreOptions;
-///
-/// let options = RedisStoreOptions::default().with_operation_timeout(Duration::from_secs(2));
-/// assert_eq!(options.operation_timeout, Duration::from_secs(2));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisStoreOptions {
-    /// Bound on one whole store operation, waiting for a reconnection included (default 5 s).
-    pub operation_timeout: Duration,
-    /// Bound on one connection attempt: TCP connect and handshake (default 1 s).
-    pub connect_timeout: Duration,
-    /// Bound on the wait for one reply once the request is sent (default 3 s).
-    pub response_timeout: Duration,
-    /// Connection attempts per reconnection, with exponential backoff from 50 ms to 1 s
-    /// (default 3). A new reconnection starts with the next operation after a failed one.
-    pub reconnect_attempts: usize,
-}
-
-impl Default for RedisStoreOptions {
-    fn default() -> Self {
-        Self {
-            operation_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(3),
-            reconnect_attempts: 3,
-        }
-    }
-}
-
-impl RedisStoreOptions {
-    /// Sets [`operation_timeout`](Self::operation_timeout).
-    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
-        self.operation_timeout = timeout;
-        self
-    }
-
-    /// Sets [`connect_timeout`](Self::connect_timeout).
-    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Sets [`response_timeout`](Self::response_timeout).
-    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
-        self
-    }
-
-    /// Sets [`reconnect_attempts`](Self::reconnect_attempts).
-    pub fn with_reconnect_attempts(mut self, attempts: usize) -> Self {
-        self.reconnect_attempts = attempts;
-        self
-    }
-}
 
 /// Key names under one prefix (see the key table in the crate docs). The Lua prelude in
 /// `scripts.rs` builds the same names.
@@ -140,11 +73,11 @@ impl Keys {
 /// and moves the conversation to the top of every member's list in one step, which keeps seqs
 /// gap-free across any number of nodes and concurrent appenders.
 ///
-/// The connection is a [`ConnectionManager`]: one multiplexed connection (concurrent requests
-/// are pipelined on it) that reconnects by itself after an error. While Redis is unreachable,
-/// operations fail with [`Error::Unavailable`] within
-/// [`RedisStoreOptions::operation_timeout`]; once it is back, they succeed again. Cloning a
-/// `RedisStore` is cheap and shares the connection.
+/// The connection is the shared Redis layer's [`RedisConnection`] (crate `chat-redis`, the
+/// same as `chat-presence`'s): one multiplexed connection (concurrent requests are pipelined on
+/// it) that reconnects by itself after an error. While Redis is unreachable, operations fail
+/// with [`Error::Unavailable`] within [`RedisOptions::op_timeout`]; once it is back, they
+/// succeed again. Cloning a `RedisStore` is cheap and shares the connection.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -153,19 +86,17 @@ impl Keys {
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), chat_core::Error> {
-/// let store = RedisStore::new("redis://127.0.0.1:6379/", "chat").await?;
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/", "chat").await?;
 /// let chat = Chat::builder().store(Arc::new(store)).build().await?;
 /// # let _ = chat;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    /// Reconnecting multiplexed connection; cloned (an `Arc` clone) for each operation.
-    conn: ConnectionManager,
+    /// Reconnecting multiplexed connection with the deadline and retry rule of every call.
+    conn: RedisConnection,
     /// Every key name, under the store's prefix.
     keys: Keys,
-    /// Bound on each whole operation.
-    operation_timeout: Duration,
 }
 
 impl fmt::Debug for RedisStore {
@@ -173,26 +104,8 @@ impl fmt::Debug for RedisStore {
         // Not the URL: it may carry a password.
         f.debug_struct("RedisStore")
             .field("prefix", &self.keys.prefix)
-            .field("operation_timeout", &self.operation_timeout)
+            .field("op_timeout", &self.conn.op_timeout())
             .finish_non_exhaustive()
-    }
-}
-
-/// Maps a Redis error: `CHAT_*` error replies of the scripts to the matching [`Error`], any
-/// other failure (connection, timeout, server error) to [`Error::Unavailable`].
-fn map_error(e: RedisError) -> Error {
-    let detail = || e.detail().unwrap_or_default().to_owned();
-    match e.code() {
-        Some("CHAT_NOT_FOUND") => Error::not_found(detail()),
-        Some("CHAT_NOT_MEMBER") => match detail().trim().parse::<ConversationId>() {
-            Ok(id) => Error::NotMember(id),
-            Err(_) => Error::internal(format!("bad NOT_MEMBER reply: {e}")),
-        },
-        Some("CHAT_FORBIDDEN") => Error::forbidden(detail()),
-        Some("CHAT_INVALID") => Error::invalid(detail()),
-        Some("CHAT_CONFLICT") => Error::Conflict(detail().into()),
-        Some("CHAT_INTERNAL") => Error::internal(detail()),
-        _ => Error::unavailable(BACKEND, e),
     }
 }
 
@@ -203,43 +116,26 @@ fn redis_count(n: usize) -> i64 {
 
 impl RedisStore {
     /// Connects to `url` (`redis://[:password@]host[:port][/db]`) with the default
-    /// [`RedisStoreOptions`]; every key starts with `prefix` and `:`.
+    /// [`RedisOptions`]; every key starts with `prefix` and `:`.
     ///
     /// [`Error::Invalid`] for a malformed URL or an empty prefix, [`Error::Unavailable`] when
     /// Redis cannot be reached within the operation timeout.
-    pub async fn new(url: &str, prefix: &str) -> Result<Self> {
-        Self::with_options(url, prefix, RedisStoreOptions::default()).await
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        Self::connect_with(url, prefix, RedisOptions::default()).await
     }
 
-    /// Like [`new`](Self::new), with explicit timeouts.
-    pub async fn with_options(url: &str, prefix: &str, options: RedisStoreOptions) -> Result<Self> {
+    /// [`connect`](Self::connect) with explicit options.
+    pub async fn connect_with(url: &str, prefix: &str, options: RedisOptions) -> Result<Self> {
         if prefix.is_empty() {
             return Err(Error::invalid("the redis key prefix must not be empty"));
         }
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::invalid(format!("invalid redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(options.reconnect_attempts)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let conn = match tokio::time::timeout(
-            options.operation_timeout,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(Error::unavailable(BACKEND, e)),
-            Err(_) => return Err(timed_out(options.operation_timeout)),
-        };
+        let client = chat_redis::client(url)?;
+        let conn = RedisConnection::connect(&client, &options, &scripts::all()).await?;
         Ok(Self {
             conn,
             keys: Keys {
                 prefix: Arc::from(prefix),
             },
-            operation_timeout: options.operation_timeout,
         })
     }
 
@@ -248,54 +144,26 @@ impl RedisStore {
         &self.keys.prefix
     }
 
-    /// Runs one read against Redis within the operation timeout (not retried: a read that
-    /// fails on a connection dropped by a Redis restart returns `Unavailable`, and the next
-    /// one runs on the reconnected connection).
-    async fn exec<T, F, Fut>(&self, op: F) -> Result<T>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        match tokio::time::timeout(self.operation_timeout, op(self.conn.clone())).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(timed_out(self.operation_timeout)),
-        }
-    }
-
-    /// Runs a script with `keys` and `args` (the prefix is prepended to `args` as `ARGV[1]`),
-    /// within the operation timeout.
+    /// Runs a script with `keys` and `args` (the prefix is prepended to `args` as `ARGV[1]`).
     ///
-    /// The first call after Redis restarted fails on the dead connection (the connection
-    /// manager only reconnects then), so a connection-level failure is retried once on the
-    /// fresh connection. Every script is safe to repeat: appends are idempotent, markers only
-    /// move forward, member changes are set operations, and a repeated create of the same id
-    /// reports `Conflict` rather than creating twice.
-    async fn script(&self, script: &redis::Script, keys: &[&str], args: &[&str]) -> Result<Value> {
-        let run = |mut conn: ConnectionManager| {
-            let mut invocation = script.prepare_invoke();
-            for k in keys {
-                invocation.key(*k);
-            }
-            invocation.arg(&*self.keys.prefix);
-            for a in args {
-                invocation.arg(*a);
-            }
-            async move { invocation.invoke_async(&mut conn).await }
-        };
-        let attempts = async {
-            match run(self.conn.clone()).await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                    run(self.conn.clone()).await
-                }
-                other => other,
-            }
-        };
-        match tokio::time::timeout(self.operation_timeout, attempts).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(timed_out(self.operation_timeout)),
+    /// Under the shared layer's retry rule a call may reach Redis twice (the first call after
+    /// Redis restarted fails on the dead connection, and the script cache of the new server is
+    /// empty). Every script is safe to repeat: appends are idempotent, markers only move
+    /// forward, member changes are set operations, and a repeated create of the same id reports
+    /// `Conflict` rather than creating twice.
+    async fn script(
+        &self,
+        what: &'static str,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value> {
+        let mut call = script.call(keys);
+        call.arg(&*self.keys.prefix);
+        for a in args {
+            call.arg(*a);
         }
+        self.conn.query(what, &call).await
     }
 
     /// The stored JSON and seq of a message; `NotFound` for an unknown conversation.
@@ -306,6 +174,7 @@ impl RedisStore {
     ) -> Result<Option<(u64, String)>> {
         let v = self
             .script(
+                "get message",
                 &scripts::GET_MESSAGE,
                 &[
                     &self.keys.conv(conversation),
@@ -331,38 +200,22 @@ impl RedisStore {
         to: &str,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        let (conv, msgs) = (self.keys.conv(conversation), self.keys.msgs(conversation));
-        let (exists, page): (bool, Value) = self
-            .exec(|mut conn| async move {
-                redis::pipe()
-                    .exists(&conv)
-                    .cmd(command)
-                    .arg(&msgs)
-                    .arg(from)
-                    .arg(to)
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(redis_count(limit))
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.exists(self.keys.conv(conversation))
+            .cmd(command)
+            .arg(self.keys.msgs(conversation))
+            .arg(from)
+            .arg(to)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(redis_count(limit));
+        let (exists, page): (bool, Value) = self.conn.query("timeline range", &pipe).await?;
         if !exists {
             return Err(unknown(conversation));
         }
         messages_with_scores(page)
     }
-}
-
-fn timed_out(after: Duration) -> Error {
-    Error::unavailable(
-        BACKEND,
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from redis within {after:?}"),
-        ),
-    )
 }
 
 fn unknown(id: ConversationId) -> Error {
@@ -376,6 +229,7 @@ impl MessageStore for RedisStore {
         let json = encode_new(&message)?;
         let v = self
             .script(
+                "append",
                 &scripts::APPEND,
                 &[
                     &self.keys.conv(id),
@@ -451,6 +305,7 @@ impl MessageStore for RedisStore {
             let new = encode(&changed)?;
             let replaced = self
                 .script(
+                    "replace message",
                     &scripts::REPLACE_MESSAGE,
                     &[
                         &self.keys.msgs(conversation),
@@ -502,16 +357,9 @@ impl MessageStore for RedisStore {
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<u64> {
-        let conv = self.keys.conv(conversation);
-        let last: Option<String> = self
-            .exec(|mut conn| async move {
-                redis::cmd("HGET")
-                    .arg(&conv)
-                    .arg("last_seq")
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.keys.conv(conversation)).arg("last_seq");
+        let last: Option<String> = self.conn.query("last seq", &cmd).await?;
         parse_u64(&last.ok_or_else(|| unknown(conversation))?)
     }
 
@@ -546,6 +394,7 @@ impl MessageStore for RedisStore {
         args.extend(users.iter().map(|u| u.as_str()));
         let v = self
             .script(
+                "create",
                 &scripts::CREATE,
                 &[
                     &self.keys.conv(new.id),
@@ -565,6 +414,7 @@ impl MessageStore for RedisStore {
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
         let v = self
             .script(
+                "conversation",
                 &scripts::CONVERSATION,
                 &[&self.keys.conv(id), &self.keys.members(id)],
                 &[],
@@ -577,19 +427,10 @@ impl MessageStore for RedisStore {
     }
 
     async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>> {
-        let (conv, members) = (
-            self.keys.conv(conversation),
-            self.keys.members(conversation),
-        );
-        let (entry, exists): (Option<String>, bool) = self
-            .exec(|mut conn| async move {
-                redis::pipe()
-                    .hget(&members, user.as_str())
-                    .exists(&conv)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.hget(self.keys.members(conversation), user.as_str())
+            .exists(self.keys.conv(conversation));
+        let (entry, exists): (Option<String>, bool) = self.conn.query("member", &pipe).await?;
         if !exists {
             return Err(unknown(conversation));
         }
@@ -609,6 +450,7 @@ impl MessageStore for RedisStore {
         args.extend(users.iter().map(UserId::as_str));
         let v = self
             .script(
+                "add members",
                 &scripts::ADD_MEMBERS,
                 &[
                     &self.keys.conv(conversation),
@@ -626,6 +468,7 @@ impl MessageStore for RedisStore {
     async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
         let v = self
             .script(
+                "remove member",
                 &scripts::REMOVE_MEMBER,
                 &[
                     &self.keys.conv(conversation),
@@ -638,17 +481,9 @@ impl MessageStore for RedisStore {
     }
 
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
-        let key = self.keys.user(user);
-        let entries: Vec<String> = self
-            .exec(|mut conn| async move {
-                redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(self.keys.user(user)).arg(0).arg(-1);
+        let entries: Vec<String> = self.conn.query("conversation ids", &cmd).await?;
         entries
             .iter()
             .map(|e| parse_entry(e).map(|(_, id)| id))
@@ -673,6 +508,7 @@ impl MessageStore for RedisStore {
         let max = after.map_or_else(|| "+".to_owned(), older_than);
         let v = self
             .script(
+                "list",
                 &scripts::LIST,
                 &[&self.keys.user(user)],
                 &[
@@ -720,6 +556,7 @@ impl MessageStore for RedisStore {
         };
         let v = self
             .script(
+                "set marker",
                 &scripts::SET_MARKER,
                 &[
                     &self.keys.conv(conversation),
@@ -743,6 +580,7 @@ impl MessageStore for RedisStore {
     async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
         let v = self
             .script(
+                "unread",
                 &scripts::UNREAD,
                 &[
                     &self.keys.conv(conversation),

@@ -6,7 +6,7 @@
 //!   conversation list of each member, the per-sender seq sets) are built from it with the
 //!   helpers of [`PRELUDE`]. That is why the store needs a non-cluster Redis (see the crate docs).
 //! * Domain failures are error replies whose first word is a `CHAT_*` code (see
-//!   [`super::map_error`]); every check happens before the first write, so a failed script
+//!   `chat_redis::map_error`); every check happens before the first write, so a failed script
 //!   changes nothing.
 //! * Numbers that may exceed 2^53 (Snowflake ids, `last_activity`) are only ever handled as
 //!   strings; Lua numbers (doubles) are used for seqs, which stay far below 2^53, and are turned
@@ -15,7 +15,7 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use chat_redis::Script;
 
 /// Helpers prepended to every script.
 const PRELUDE: &str = r#"
@@ -67,7 +67,23 @@ local function not_member(cid) return redis.error_reply('CHAT_NOT_MEMBER ' .. ci
 "#;
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
+    Script::new(format!("{PRELUDE}\n{body}"))
+}
+
+/// Every script, for the connection to load at connect and after `NOSCRIPT`.
+pub(super) fn all() -> [&'static Script; 10] {
+    [
+        &APPEND,
+        &CREATE,
+        &ADD_MEMBERS,
+        &REMOVE_MEMBER,
+        &SET_MARKER,
+        &REPLACE_MESSAGE,
+        &GET_MESSAGE,
+        &CONVERSATION,
+        &UNREAD,
+        &LIST,
+    ]
 }
 
 /// `append`. KEYS: conv, members, msgs, ids, idem, sent (of the sender).

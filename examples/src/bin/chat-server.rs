@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let backends = match &args.redis_url {
         Some(url) => {
             let prefix = &args.redis_prefix;
-            let store = chat_store::RedisStore::new(url, prefix)
+            let store = chat_store::RedisStore::connect(url, prefix)
                 .await
                 .context("connecting the Redis store")?;
             let presence =
