@@ -8,11 +8,10 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chat_core::model::{Presence, PresenceStatus};
 use chat_core::presence::{PresenceConfig, PresenceTracker};
 use chat_core::time::now_ms;
-use chat_core::{ConnectionId, Error, NodeId, Result, UserId};
+use chat_core::{ConnectionId, Error, NodeId, UserId};
 use chat_presence::{RedisOptions, RedisPresence};
 use chat_testkit::RedisServer;
 use tokio::sync::broadcast;
@@ -27,41 +26,6 @@ fn node(id: u16) -> NodeId {
     NodeId::new(id).unwrap()
 }
 
-/// A tracker and the server it talks to: the server lives exactly as long as the tracker.
-#[derive(Debug)]
-struct OnServer {
-    tracker: RedisPresence,
-    _server: RedisServer,
-}
-
-#[async_trait]
-impl PresenceTracker for OnServer {
-    async fn connect(&self, user: &UserId, session: ConnectionId) -> Result<()> {
-        self.tracker.connect(user, session).await
-    }
-    async fn disconnect(&self, user: &UserId, session: ConnectionId) -> Result<()> {
-        self.tracker.disconnect(user, session).await
-    }
-    async fn heartbeat(&self, sessions: &[(UserId, ConnectionId)]) -> Result<()> {
-        self.tracker.heartbeat(sessions).await
-    }
-    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>> {
-        self.tracker.presence(users).await
-    }
-    async fn is_connected(&self, users: &[UserId]) -> Result<Vec<bool>> {
-        self.tracker.is_connected(users).await
-    }
-    fn changes(&self) -> broadcast::Receiver<Presence> {
-        self.tracker.changes()
-    }
-    async fn watch(&self, users: &[UserId]) -> Result<()> {
-        self.tracker.watch(users).await
-    }
-    async fn unwatch(&self, users: &[UserId]) -> Result<()> {
-        self.tracker.unwatch(users).await
-    }
-}
-
 /// The whole suite on the real clock (Redis expires keys on its own clock). Timings wider than
 /// `Timing::real_clock` so that a loaded 2-core CI machine, where a sleep may wake hundreds of
 /// milliseconds late, does not make it flaky: every "not yet" check has a margin of half the
@@ -74,9 +38,10 @@ mod conformance {
     use chat_presence::RedisPresence;
     use chat_testkit::RedisServer;
 
-    use super::{OnServer, fresh_prefix, node};
+    use super::{fresh_prefix, node};
 
     chat_core::presence_conformance_tests!(
+        with_guard,
         real_clock,
         timing = Timing {
             config: PresenceConfig {
@@ -95,10 +60,7 @@ mod conformance {
                 tracker.keyspace_events(),
                 "the test server notifies expired keys"
             );
-            OnServer {
-                tracker,
-                _server: server,
-            }
+            (tracker, server)
         }
     );
 }

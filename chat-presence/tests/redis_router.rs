@@ -8,14 +8,13 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chat_core::memory::{InProcessClient, InProcessTransport, MemoryStore};
 use chat_core::model::{ConversationKind, PresenceStatus};
 use chat_core::presence::{DynPresenceTracker, PresenceConfig};
 use chat_core::protocol::SendMessage;
 use chat_core::router::{DynRouter, Envelope, Inbound, Payload, Router, Topic};
 use chat_core::time::now_ms;
-use chat_core::{Chat, Command, ConversationId, Error, Event, NodeId, Result, UserId};
+use chat_core::{Chat, Command, ConversationId, Error, Event, NodeId, UserId};
 use chat_presence::{RedisOptions, RedisPresence, RedisRouter};
 use chat_testkit::RedisServer;
 use tokio::sync::mpsc;
@@ -30,47 +29,17 @@ fn node(id: u16) -> NodeId {
     NodeId::new(id).unwrap()
 }
 
-/// A router and the server it talks to, shared by the routers of one case: the server lives
-/// as long as the last of them.
-#[derive(Debug)]
-struct OnServer {
-    router: RedisRouter,
-    _server: Arc<RedisServer>,
-}
-
-#[async_trait]
-impl Router for OnServer {
-    async fn start(&self, inbox: mpsc::Sender<Inbound>) -> Result<()> {
-        self.router.start(inbox).await
-    }
-    async fn subscribe(&self, topic: &Topic) -> Result<()> {
-        self.router.subscribe(topic).await
-    }
-    async fn unsubscribe(&self, topic: &Topic) -> Result<()> {
-        self.router.unsubscribe(topic).await
-    }
-    async fn publish(&self, envelope: Envelope) -> Result<()> {
-        self.router.publish(envelope).await
-    }
-    fn is_distributed(&self) -> bool {
-        self.router.is_distributed()
-    }
-}
-
-chat_core::router_conformance_tests!(|nodes: Vec<NodeId>| async move {
-    let server = Arc::new(RedisServer::start().await);
+chat_core::router_conformance_tests!(with_guard, |nodes: Vec<NodeId>| async move {
+    let server = RedisServer::start().await;
     let prefix = fresh_prefix();
     let mut routers = Vec::new();
     for node in nodes {
         let router = RedisRouter::connect(&server.url(), &prefix, node)
             .await
             .unwrap();
-        routers.push(Arc::new(OnServer {
-            router,
-            _server: server.clone(),
-        }) as DynRouter);
+        routers.push(Arc::new(router) as DynRouter);
     }
-    routers
+    (routers, server)
 });
 
 fn membership(i: u64) -> Payload {

@@ -177,8 +177,11 @@ macro_rules! presence_conformance_tests {
         $crate::testing::presence::$case(&tracker, &$timing).await;
     };
     (@run build_guarded, $timing:ident, $factory:expr, $case:ident) => {
-        let (tracker, _guard) = $crate::testing::presence::build_guarded(&$timing, $factory).await;
+        let (tracker, guard) = $crate::testing::presence::build_guarded(&$timing, $factory).await;
         $crate::testing::presence::$case(&tracker, &$timing).await;
+        // The part first, then what it needed (e.g. its server).
+        drop(tracker);
+        drop(guard);
     };
     (@clock $build:ident, real_clock, timing = $timing:expr, $factory:expr $(,)?) => {
         $crate::presence_conformance_tests!(@cases real, $build, $timing, $factory);

@@ -1551,8 +1551,10 @@ macro_rules! store_conformance_tests {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 // The guard (e.g. the test server the store talks to) lives until the case ends.
-                let (store, _guard): ($crate::store::DynMessageStore, _) = ($factory)().await;
+                let (store, guard): ($crate::store::DynMessageStore, _) = ($factory)().await;
                 $crate::testing::store::$case(&store).await;
+                drop(store);
+                drop(guard);
             }
         )*
     };
