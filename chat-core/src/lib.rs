@@ -64,6 +64,11 @@ pub mod time;
 pub mod transport;
 
 pub use engine::{Chat, ChatBuilder, ChatConfig};
+
+/// The README's code, run as doc tests (so the front page always compiles and runs).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 pub use error::{Error, ErrorCode, Result};
 pub use id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
 pub use presence::PresenceTracker;

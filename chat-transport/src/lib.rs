@@ -34,6 +34,34 @@
 //! gateway.serve(listener).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Mounted in an existing axum application (any tower-compatible server works the same way;
+//! on a plain TCP stream the gateway takes its direct write path there too):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use chat_core::Chat;
+//! use chat_transport::{Gateway, auth::JwtAuth};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let chat = Chat::builder().build().await?;
+//! let gateway = Gateway::new(chat.clone(), Arc::new(JwtAuth::new(b"secret")));
+//! let app = axum::Router::new()
+//!     .route("/", axum::routing::get(|| async { "the host application" }))
+//!     .nest_service("/chat", gateway); // clients connect to /chat/ws
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app)
+//!     .with_graceful_shutdown(async move {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!         chat.shutdown();
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Runnable programs, each with the command to run it in its first lines, are in the
+//! repository's `examples/`: `chat-server` (the reference server: every setting, Redis, the
+//! chat page), `axum-embed` (the snippet above) and `chat-cli` (a terminal client).
 
 mod api;
 pub mod auth;

@@ -11,10 +11,15 @@
 //!     chat_core::memory::MemoryPresence::new(config)
 //! });
 //!
-//! // A backend whose clock tokio cannot pause (Redis expires keys on its own clock):
-//! // the same cases on the real clock, with TTL 1.5 s and debounce 0.5 s.
-//! chat_core::presence_conformance_tests!(real_clock, |config: PresenceConfig| async move {
-//!     RedisPresence::connect(&fresh_redis_prefix(), config).await.unwrap()
+//! // A backend whose clock tokio cannot pause (Redis expires keys on its own clock): the same
+//! // cases on the real clock, with TTL 1.5 s and debounce 0.5 s. `with_guard`: the factory
+//! // also returns what must outlive the tracker (here the test server), dropped after the case.
+//! chat_core::presence_conformance_tests!(with_guard, real_clock, |config: PresenceConfig| async move {
+//!     let server = chat_testkit::RedisServer::start().await;
+//!     let tracker = RedisPresence::connect(&server.url(), &fresh_prefix(), NodeId::new(1).unwrap(), config)
+//!         .await
+//!         .unwrap();
+//!     (tracker, server)
 //! });
 //!
 //! // Real clock with custom timings (e.g. a backend that sweeps only every 500 ms).
