@@ -4,8 +4,6 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 use chat_core::model::{Presence, PresenceStatus};
@@ -13,14 +11,9 @@ use chat_core::presence::{PresenceConfig, PresenceTracker};
 use chat_core::time::now_ms;
 use chat_core::{ConnectionId, Error, NodeId, UserId};
 use chat_presence::{RedisOptions, RedisPresence};
-use chat_testkit::RedisServer;
+use chat_testkit::{RedisServer, random_prefix};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-
-/// A key prefix no other test uses.
-fn fresh_prefix() -> String {
-    format!("test-{:016x}", RandomState::new().hash_one(now_ms()))
-}
 
 fn node(id: u16) -> NodeId {
     NodeId::new(id).unwrap()
@@ -36,9 +29,9 @@ mod conformance {
     use chat_core::presence::PresenceConfig;
     use chat_core::testing::presence::Timing;
     use chat_presence::RedisPresence;
-    use chat_testkit::RedisServer;
+    use chat_testkit::{RedisServer, random_prefix};
 
-    use super::{fresh_prefix, node};
+    use super::node;
 
     chat_core::presence_conformance_tests!(
         with_guard,
@@ -53,7 +46,7 @@ mod conformance {
         },
         |config: PresenceConfig| async move {
             let server = RedisServer::start().await;
-            let tracker = RedisPresence::connect(&server.url(), &fresh_prefix(), node(1), config)
+            let tracker = RedisPresence::connect(&server.url(), &random_prefix(), node(1), config)
                 .await
                 .unwrap();
             assert!(
@@ -103,7 +96,7 @@ async fn changes_within(
 /// offline, last seen at their last heartbeat, and each change is published exactly once
 /// however many nodes noticed the expiry.
 async fn dead_node_case(server: &RedisServer, config: PresenceConfig, options: RedisOptions) {
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let url = server.url();
     let dying = RedisPresence::connect_with(&url, &prefix, node(1), config, options.clone())
         .await
@@ -205,7 +198,7 @@ async fn without_keyspace_notifications_the_sweep_detects_a_dead_node() {
         ttl: Duration::from_millis(1500),
         offline_debounce: Duration::from_millis(1000),
     };
-    let probe = RedisPresence::connect(&server.url(), &fresh_prefix(), node(9), config)
+    let probe = RedisPresence::connect(&server.url(), &random_prefix(), node(9), config)
         .await
         .unwrap();
     assert!(
@@ -223,7 +216,7 @@ async fn without_keyspace_notifications_the_sweep_detects_a_dead_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_redis_restart() {
     let mut server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let config = PresenceConfig {
         ttl: Duration::from_secs(5),
         offline_debounce: Duration::from_secs(1),
@@ -315,7 +308,7 @@ async fn the_first_call_after_a_redis_restart_succeeds() {
     };
     let options = RedisOptions::default().with_op_timeout(Duration::from_secs(3));
     let tracker =
-        RedisPresence::connect_with(&server.url(), &fresh_prefix(), node(1), config, options)
+        RedisPresence::connect_with(&server.url(), &random_prefix(), node(1), config, options)
             .await
             .unwrap();
     let dave = UserId::from("dave");
@@ -345,7 +338,7 @@ async fn the_first_call_after_a_redis_restart_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwatch_stops_the_changes_of_that_user() {
     let server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let config = PresenceConfig {
         ttl: Duration::from_secs(5),
         offline_debounce: Duration::from_millis(100),

@@ -3,8 +3,6 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +11,11 @@ use chat_core::model::{ConversationKind, PresenceStatus};
 use chat_core::presence::{DynPresenceTracker, PresenceConfig};
 use chat_core::protocol::SendMessage;
 use chat_core::router::{DynRouter, Envelope, Inbound, Payload, Router, Topic};
-use chat_core::time::now_ms;
 use chat_core::{Chat, Command, ConversationId, Error, Event, NodeId, UserId};
 use chat_presence::{RedisOptions, RedisPresence, RedisRouter};
-use chat_testkit::RedisServer;
+use chat_testkit::{RedisServer, random_prefix};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// A key prefix no other test uses.
-fn fresh_prefix() -> String {
-    format!("test-{:016x}", RandomState::new().hash_one(now_ms()))
-}
 
 fn node(id: u16) -> NodeId {
     NodeId::new(id).unwrap()
@@ -31,7 +23,7 @@ fn node(id: u16) -> NodeId {
 
 chat_core::router_conformance_tests!(with_guard, |nodes: Vec<NodeId>| async move {
     let server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let mut routers = Vec::new();
     for node in nodes {
         let router = RedisRouter::connect(&server.url(), &prefix, node)
@@ -71,7 +63,7 @@ async fn recv(inbox: &mut mpsc::Receiver<Inbound>, within: Duration) -> Inbound 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_resubscribes_and_reports_lagged_after_a_redis_restart() {
     let mut server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let options = RedisOptions::default()
         .with_op_timeout(Duration::from_millis(500))
         .with_reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
@@ -149,7 +141,7 @@ async fn reconnects_resubscribes_and_reports_lagged_after_a_redis_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_is_the_publishing_node_and_dead_servers_fail_fast() {
     let server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let a = RedisRouter::connect(&server.url(), &prefix, node(1))
         .await
         .unwrap();
@@ -208,7 +200,7 @@ async fn expect_event(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_chat_and_see_presence_through_redis() {
     let server = RedisServer::start().await;
-    let prefix = fresh_prefix();
+    let prefix = random_prefix();
     let store = Arc::new(MemoryStore::new());
     let presence_config = PresenceConfig {
         ttl: Duration::from_secs(3),

@@ -18,7 +18,7 @@ use chat_core::model::{Message, MessageChange, ReceiptKind};
 use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
 use chat_store::{RedisOptions, RedisStore};
-use chat_testkit::RedisServer;
+use chat_testkit::{RedisServer, random_prefix};
 
 /// The server shared by the tests of this process that are running at the moment: each test
 /// holds an `Arc`, the last one to finish kills it (a static would never be dropped, leaving
@@ -33,10 +33,6 @@ async fn shared_server() -> Arc<RedisServer> {
     let server = Arc::new(RedisServer::start().await);
     *shared = Arc::downgrade(&server);
     server
-}
-
-fn random_prefix() -> String {
-    format!("test-{:016x}", random_u64())
 }
 
 /// A fresh store (random prefix) on the shared server, and the server as the guard that keeps

@@ -4,6 +4,12 @@
 //! answers `PING`, and kills it on drop. If `redis-server` is not installed the test **fails**
 //! loudly (the README's test command, `scripts/test.sh`, installs it), so no test can pass
 //! without having run against Redis.
+//!
+//! Shared by every test crate: [`random_prefix`] (isolated test state on a shared server),
+//! [`free_port`], and [`ws::WsClient`], the WebSocket test client of the gateway, cluster and
+//! example tests.
+
+pub mod ws;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -225,4 +231,23 @@ mod tests {
         r.resume();
         assert!(ping(r.addr()).await);
     }
+}
+
+/// A key prefix (or keyspace-safe name) no other test uses: `test-` and 16 hex digits, from a
+/// process-wide counter mixed with the clock and a random hasher seed. Every test that shares
+/// a server with others takes one, so runs never see each other's data.
+pub fn random_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("test_{:016x}", h.finish())
 }

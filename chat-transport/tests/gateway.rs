@@ -228,8 +228,7 @@ async fn jwt_auth_on_upgrade_and_http() {
         let url = s.ws_url(&format!("token={bad}"));
         let err = Ws::try_connect(&url, None)
             .await
-            .err()
-            .expect("must be refused");
+            .expect_err("must be refused");
         match err {
             tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
             other => panic!("expected HTTP 401, got {other:?}"),

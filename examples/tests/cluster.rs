@@ -7,14 +7,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Stdio;
 use std::time::Duration;
 
+use chat_testkit::ws::{Frame, WsClient as Ws};
 use chat_testkit::{RedisServer, free_port};
-use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -100,114 +98,7 @@ impl Node {
     /// Connects like a real client: retries with backoff while the node answers 5xx
     /// (e.g. 503 while Redis is down).
     async fn ws(&self, user: &str) -> Ws {
-        let url = format!("ws://127.0.0.1:{}/ws?user={user}", self.port);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match tokio_tungstenite::connect_async(url.as_str()).await {
-                Ok((stream, _)) => return Ws { stream },
-                Err(e) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "cannot connect: {e}"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-}
-
-struct Ws {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-enum Frame {
-    Json(Value),
-    Closed(Option<u16>),
-}
-
-impl Ws {
-    async fn send(&mut self, v: Value) {
-        let _ = self.stream.send(Message::Text(v.to_string().into())).await;
-    }
-
-    async fn next_frame(&mut self, wait: Duration) -> Option<Frame> {
-        loop {
-            match tokio::time::timeout(wait, self.stream.next()).await {
-                Err(_) => return None,
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    return Some(Frame::Json(serde_json::from_str(&t).unwrap()));
-                }
-                Ok(Some(Ok(Message::Close(c)))) => {
-                    return Some(Frame::Closed(c.map(|c| u16::from(c.code))));
-                }
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(_)) | None) => return Some(Frame::Closed(None)),
-            }
-        }
-    }
-
-    async fn recv_type(&mut self, ty: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_frame(left).await {
-                Some(Frame::Json(v)) if v["type"] == ty => return v,
-                Some(Frame::Json(_)) => continue,
-                Some(Frame::Closed(c)) => panic!("closed ({c:?}) while waiting for {ty}"),
-                None => panic!("timed out waiting for {ty}"),
-            }
-        }
-    }
-
-    async fn send_message(&mut self, conv: &str, cmid: &str, content: &str) -> Value {
-        self.send(json!({"type": "message", "conversation_id": conv, "client_msg_id": cmid, "content": content}))
-            .await;
-        loop {
-            let v = self.recv_type_any(&["message_ack", "error"]).await;
-            if v["client_msg_id"] == cmid {
-                assert_eq!(v["type"], "message_ack", "{v}");
-                return v;
-            }
-        }
-    }
-
-    async fn recv_type_any(&mut self, types: &[&str]) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_frame(left).await {
-                Some(Frame::Json(v)) if types.iter().any(|t| v["type"] == *t) => return v,
-                Some(Frame::Json(_)) => continue,
-                Some(Frame::Closed(c)) => panic!("closed ({c:?}) while waiting for {types:?}"),
-                None => panic!("timed out waiting for {types:?}"),
-            }
-        }
-    }
-
-    /// Syncs `conv` from `after` to the end; returns the replayed messages.
-    async fn sync_all(&mut self, conv: &str, mut after: u64) -> Vec<Value> {
-        let mut out = Vec::new();
-        loop {
-            self.send(json!({"type": "sync", "conversations": {conv: after}}))
-                .await;
-            loop {
-                let v = self.recv_type_any(&["message", "sync_done"]).await;
-                if v["type"] == "message" {
-                    if v["message"]["conversation_id"] == conv {
-                        after = after.max(v["message"]["seq"].as_u64().unwrap());
-                        out.push(v["message"].clone());
-                    }
-                    continue;
-                }
-                if v["more"].as_array().is_some_and(|m| !m.is_empty()) {
-                    break;
-                }
-                return out;
-            }
-        }
+        Ws::connect_retrying(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port)).await
     }
 }
 

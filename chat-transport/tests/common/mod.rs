@@ -3,22 +3,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chat_core::{Chat, ChatConfig};
 use chat_transport::auth::{Authenticator, DevAuth};
 use chat_transport::{Gateway, GatewayConfig};
-use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const WAIT: Duration = Duration::from_secs(10);
-pub const QUIET: Duration = Duration::from_millis(200);
+pub use chat_testkit::ws::WAIT;
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -134,106 +127,5 @@ pub enum Auth<'a> {
     Bearer(&'a str),
 }
 
-pub struct Ws {
-    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl Ws {
-    pub async fn connect(url: &str, protocol: Option<&str>) -> Self {
-        Self::try_connect(url, protocol).await.expect("ws connect")
-    }
-
-    pub async fn try_connect(
-        url: &str,
-        protocol: Option<&str>,
-    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        let mut req = url.into_client_request()?;
-        if let Some(p) = protocol {
-            req.headers_mut()
-                .insert("sec-websocket-protocol", p.parse().unwrap());
-        }
-        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(Self { stream })
-    }
-
-    pub async fn send(&mut self, v: Value) {
-        self.stream
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    pub async fn send_text(&mut self, s: &str) {
-        self.stream.send(Message::Text(s.into())).await.unwrap();
-    }
-
-    /// Next data frame (text or binary) within [`WAIT`]; `None` when the socket closed.
-    pub async fn next_message(&mut self) -> Option<Message> {
-        loop {
-            let m = tokio::time::timeout(WAIT, self.stream.next())
-                .await
-                .expect("timed out waiting for a frame");
-            match m {
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(m)) => return Some(m),
-                Some(Err(_)) | None => return None,
-            }
-        }
-    }
-
-    /// Next JSON frame.
-    pub async fn recv(&mut self) -> Value {
-        match self.next_message().await {
-            Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-
-    /// Receives until a frame of `ty` arrives.
-    pub async fn recv_type(&mut self, ty: &str) -> Value {
-        loop {
-            let v = self.recv().await;
-            if v["type"] == ty {
-                return v;
-            }
-        }
-    }
-
-    /// Asserts no data frame arrives for [`QUIET`].
-    pub async fn quiet(&mut self) {
-        if let Ok(Some(Ok(m))) = tokio::time::timeout(QUIET, self.stream.next()).await {
-            if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
-                panic!("unexpected frame {m:?}");
-            }
-        }
-    }
-
-    /// Waits for the close frame; returns its code.
-    pub async fn close_code(&mut self) -> Option<u16> {
-        loop {
-            match tokio::time::timeout(WAIT, self.stream.next()).await {
-                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(_))) | Ok(None) => return None,
-                Err(_) => panic!("no close within {WAIT:?}"),
-            }
-        }
-    }
-
-    /// Sends a message and returns the ack.
-    pub async fn send_message(&mut self, conv: &str, cmid: &str, content: &str) -> Value {
-        self.send(serde_json::json!({
-            "type": "message", "conversation_id": conv, "client_msg_id": cmid, "content": content
-        }))
-        .await;
-        loop {
-            let v = self.recv().await;
-            if v["type"] == "message_ack" && v["client_msg_id"] == cmid {
-                return v;
-            }
-            if v["type"] == "error" {
-                panic!("send failed: {v}");
-            }
-        }
-    }
-}
+/// The shared WebSocket test client.
+pub use chat_testkit::ws::WsClient as Ws;
