@@ -214,25 +214,6 @@ async fn ping(addr: SocketAddr) -> bool {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn starts_answers_and_restarts() {
-        let mut r = RedisServer::start().await;
-        assert!(ping(r.addr()).await);
-        r.kill().await;
-        assert!(!ping(r.addr()).await);
-        r.restart().await;
-        assert!(ping(r.addr()).await);
-        r.pause();
-        assert!(!ping(r.addr()).await, "a paused server answered");
-        r.resume();
-        assert!(ping(r.addr()).await);
-    }
-}
-
 /// A key prefix (or keyspace-safe name) no other test uses: `test-` and 16 hex digits, from a
 /// process-wide counter mixed with the clock and a random hasher seed. Every test that shares
 /// a server with others takes one, so runs never see each other's data.
@@ -250,4 +231,23 @@ pub fn random_prefix() -> String {
             .unwrap_or(0),
     );
     format!("test_{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_answers_and_restarts() {
+        let mut r = RedisServer::start().await;
+        assert!(ping(r.addr()).await);
+        r.kill().await;
+        assert!(!ping(r.addr()).await);
+        r.restart().await;
+        assert!(ping(r.addr()).await);
+        r.pause();
+        assert!(!ping(r.addr()).await, "a paused server answered");
+        r.resume();
+        assert!(ping(r.addr()).await);
+    }
 }
