@@ -76,4 +76,4 @@ pub use protocol::{Command, Event};
 pub use router::Router;
 pub use store::MessageStore;
 pub use transport::Frame;
-pub use transport::{CloseReason, Outbound, Session};
+pub use transport::{CloseReason, Outbound, Session, SessionOptions};

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::id::{ConversationId, MessageId, UserId};
+use crate::id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
 use crate::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
 
 /// The `message` command: send a message.
@@ -165,6 +165,12 @@ pub enum Command {
         /// Users to stop watching.
         user_ids: Vec<UserId>,
     },
+    /// A fresh token for this socket, before the current one expires: same user, later expiry.
+    /// Answered with `refreshed`.
+    Refresh {
+        /// The new token (a JWT for the WebSocket gateway).
+        token: String,
+    },
 }
 
 impl Command {
@@ -180,6 +186,7 @@ impl Command {
             Self::Sync { .. } => "sync",
             Self::PresenceSubscribe { .. } => "presence_subscribe",
             Self::PresenceUnsubscribe { .. } => "presence_unsubscribe",
+            Self::Refresh { .. } => "refresh",
         }
     }
 }
@@ -263,6 +270,27 @@ pub enum Event {
         /// `joined` or `left`.
         change: MembershipChange,
     },
+    /// The first frame of a connection: who it is, where, until when, and the limits in force.
+    Session {
+        /// The authenticated user.
+        user_id: UserId,
+        /// This connection's cluster-unique id.
+        connection_id: ConnectionId,
+        /// The gateway node serving it.
+        node_id: NodeId,
+        /// Unix milliseconds at which the credential expires (`refresh` before it); absent:
+        /// never.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+        /// Limits a client should respect.
+        limits: SessionLimits,
+    },
+    /// A `refresh` was accepted: the session now expires at `expires_at`.
+    Refreshed {
+        /// Unix milliseconds of the new expiry; absent: never.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
     /// A command failed; the connection stays open.
     Error {
         /// Machine-readable code.
@@ -288,6 +316,8 @@ impl Event {
             Self::SyncDone { .. } => "sync_done",
             Self::Presence { .. } => "presence",
             Self::Membership { .. } => "membership",
+            Self::Session { .. } => "session",
+            Self::Refreshed { .. } => "refreshed",
             Self::Error { .. } => "error",
         }
     }
@@ -300,6 +330,20 @@ impl Event {
             client_msg_id,
         }
     }
+}
+
+/// The limits announced in the `session` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionLimits {
+    /// Largest message content in UTF-8 bytes (over it: `too_large`).
+    pub max_message_bytes: u64,
+    /// Sends, edits and deletes per second per user, when rate limited (over it:
+    /// `rate_limited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<u32>,
+    /// The burst allowed above `rate_per_second`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
 }
 
 /// Joined or left, in a `membership` event.

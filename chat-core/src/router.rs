@@ -67,6 +67,13 @@ pub enum Payload {
         /// Joined (true) or left (false).
         joined: bool,
     },
+    /// The host revoked a user's sessions ([`Chat::revoke_user`](crate::Chat::revoke_user)):
+    /// nodes where the user is online close their connections with
+    /// [`CloseReason::Revoked`](crate::CloseReason::Revoked).
+    Revoke {
+        /// Whose sessions.
+        user_id: UserId,
+    },
 }
 
 /// One routed message.

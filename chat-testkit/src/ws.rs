@@ -24,10 +24,17 @@ pub enum Frame {
 
 /// A WebSocket client speaking the JSON codec. Panics (the test fails) on anything a test
 /// did not expect: a timeout, a non-JSON frame where JSON was expected.
+///
+/// Connecting waits for the server's first frame, the `session` frame (who, which connection,
+/// the token's expiry, the limits), and keeps it in [`WsClient::session`], so the frames a
+/// test receives start with what its own commands caused.
 #[derive(Debug)]
 pub struct WsClient {
     /// The socket.
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The `session` frame the server sent first (text for the JSON codec, binary for
+    /// protobuf).
+    pub session: Message,
 }
 
 impl WsClient {
@@ -50,8 +57,29 @@ impl WsClient {
         {
             req.headers_mut().insert("sec-websocket-protocol", value);
         }
-        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(Self { stream })
+        let (mut stream, _) = tokio_tungstenite::connect_async(req).await?;
+        let session = loop {
+            match tokio::time::timeout(WAIT, stream.next()).await {
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => break m,
+                Ok(Some(Ok(m))) => panic!("expected the session frame, got {m:?}"),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed),
+                Err(_) => panic!("no session frame within {WAIT:?}"),
+            }
+        };
+        Ok(Self { stream, session })
+    }
+
+    /// The `session` frame as JSON (panics for a protobuf connection).
+    pub fn session_json(&self) -> Value {
+        match &self.session {
+            Message::Text(t) => match serde_json::from_str(t) {
+                Ok(v) => v,
+                Err(e) => panic!("session frame is not JSON ({e}): {t}"),
+            },
+            other => panic!("the session frame is not a text frame: {other:?}"),
+        }
     }
 
     /// Connects like a real client: retries with backoff (e.g. while a node answers 503)

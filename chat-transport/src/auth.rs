@@ -1,9 +1,12 @@
 //! Authentication of upgrade and HTTP requests.
 //!
-//! The gateway asks an [`Authenticator`] for the user of every request. Two are provided:
-//! [`JwtAuth`] (HS256, `sub` = user id, `exp` required and enforced) and [`DevAuth`]
-//! (`?user=<id>` without a token — for local development only). Hosts plug their own (sessions,
-//! OAuth introspection, mTLS…) by implementing the trait.
+//! The gateway asks an [`Authenticator`] for the user of every request, and for a WebSocket
+//! also when the credential expires ([`Authenticator::identify`]): the engine refuses every
+//! command after that instant and closes the socket with 4003 unless the client sent a
+//! `refresh`, whose token the gateway checks with [`Authenticator::verify_token`]. Two are
+//! provided: [`JwtAuth`] (HS256, `sub` = user id, `exp` required and enforced, also on the live
+//! socket) and [`DevAuth`] (`?user=<id>` without a token, never expires — for local development
+//! only). Hosts plug their own (sessions, OAuth introspection, mTLS…) by implementing the trait.
 //!
 //! Tokens are read from `Authorization: Bearer <JWT>` or, for browsers that cannot set headers
 //! on a WebSocket, from the `token` query parameter.
@@ -57,11 +60,29 @@ impl<'a> AuthRequest<'a> {
     }
 }
 
+pub use chat_core::transport::Credential;
+
 /// Turns a request into a user, or [`Error::Unauthorized`].
 #[async_trait]
 pub trait Authenticator: Send + Sync + fmt::Debug + 'static {
     /// The authenticated user of the request.
     async fn authenticate(&self, request: AuthRequest<'_>) -> Result<UserId, Error>;
+
+    /// The request's credential: its user and when it expires (used for WebSockets, whose
+    /// session ends at that instant unless refreshed). The default never expires: override it
+    /// when credentials do.
+    async fn identify(&self, request: AuthRequest<'_>) -> Result<Credential, Error> {
+        Ok(Credential::new(self.authenticate(request).await?))
+    }
+
+    /// Checks a token presented on a live socket (the `refresh` command). The default refuses
+    /// every token (`Unauthorized`): override it together with [`Authenticator::identify`].
+    async fn verify_token(&self, token: &str) -> Result<Credential, Error> {
+        let _ = token;
+        Err(Error::Unauthorized(
+            "this server does not refresh tokens on a live socket".into(),
+        ))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,7 +91,8 @@ struct Claims {
     exp: u64,
 }
 
-/// HS256 JWT: the user id in `sub`, `exp` required and enforced (no leeway beyond 5 s).
+/// HS256 JWT: the user id in `sub`, `exp` required and enforced to the second (no leeway: a
+/// socket's session ends at `exp` too, so a token accepted at connect must not be expired).
 pub struct JwtAuth {
     /// Verifies signatures.
     decoding: DecodingKey,
@@ -91,7 +113,7 @@ impl JwtAuth {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        validation.leeway = 0;
         // Identity providers often add `aud`; accept it unless the host asks to check it.
         validation.validate_aud = false;
         Self {
@@ -110,6 +132,11 @@ impl JwtAuth {
 
     /// Checks a token and returns its user.
     pub fn verify(&self, token: &str) -> Result<UserId, Error> {
+        self.verify_credential(token).map(|c| c.user)
+    }
+
+    /// Checks a token and returns its user and expiry (`exp` in milliseconds).
+    pub fn verify_credential(&self, token: &str) -> Result<Credential, Error> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
@@ -125,8 +152,9 @@ impl JwtAuth {
                 };
                 Error::Unauthorized(why.into())
             })?;
-        UserId::parse(&data.claims.sub)
-            .map_err(|_| Error::Unauthorized("token subject is not a valid user id".into()))
+        let user = UserId::parse(&data.claims.sub)
+            .map_err(|_| Error::Unauthorized("token subject is not a valid user id".into()))?;
+        Ok(Credential::new(user).expiring_at(data.claims.exp.saturating_mul(1000)))
     }
 
     /// Signs a token for `user` valid for `ttl`.
@@ -151,10 +179,30 @@ impl JwtAuth {
 #[async_trait]
 impl Authenticator for JwtAuth {
     async fn authenticate(&self, request: AuthRequest<'_>) -> Result<UserId, Error> {
+        self.identify(request).await.map(|c| c.user)
+    }
+
+    async fn identify(&self, request: AuthRequest<'_>) -> Result<Credential, Error> {
         let token = request
             .bearer_token()
             .ok_or_else(|| Error::Unauthorized("missing bearer token".into()))?;
-        self.verify(&token)
+        self.verify_credential(&token)
+    }
+
+    async fn verify_token(&self, token: &str) -> Result<Credential, Error> {
+        self.verify_credential(token)
+    }
+}
+
+/// The gateway's [`TokenVerifier`](chat_core::transport::TokenVerifier) for `refresh`: the
+/// authenticator that let the socket in.
+#[derive(Debug)]
+pub(crate) struct RefreshVerifier(pub(crate) std::sync::Arc<dyn Authenticator>);
+
+#[async_trait]
+impl chat_core::transport::TokenVerifier for RefreshVerifier {
+    async fn verify(&self, token: &str) -> Result<Credential, Error> {
+        self.0.verify_token(token).await
     }
 }
 

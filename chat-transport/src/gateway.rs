@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chat_core::transport::{DynTokenVerifier, SessionOptions};
 use chat_core::{Chat, Error, UserId};
 use http::header;
 use http::{Method, Request, Response, StatusCode};
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::api::{error_response, internal, json_response};
-use crate::auth::{AuthRequest, Authenticator};
+use crate::auth::{AuthRequest, Authenticator, Credential, RefreshVerifier};
 use crate::codec::Codec;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::ws::{ConnectionParams, Ended, run_connection, run_tcp_connection};
@@ -94,6 +95,8 @@ pub(crate) struct GatewayInner {
     pub(crate) chat: Chat,
     /// Who is calling.
     auth: Arc<dyn Authenticator>,
+    /// The same authenticator as the sessions' `refresh` verifier (one `Arc` for all).
+    verifier: DynTokenVerifier,
     /// Limits.
     pub(crate) config: GatewayConfig,
     /// Counters and histograms for `/metrics`.
@@ -118,6 +121,7 @@ impl Gateway {
             inner: Arc::new(GatewayInner {
                 slots: Arc::new(Semaphore::new(config.max_connections)),
                 chat,
+                verifier: Arc::new(RefreshVerifier(auth.clone())),
                 auth,
                 config,
                 metrics,
@@ -255,12 +259,10 @@ impl Gateway {
                 )
                 .body(Full::new(Bytes::from(self.inner.metrics.render())))
                 .unwrap_or_else(|_| internal()),
-            (&Method::GET, ["ws"]) => {
-                match self.authenticate(req.headers(), req.uri().query()).await {
-                    Ok(user) => self.upgrade(req, user).await,
-                    Err(err) => error_response(&err),
-                }
-            }
+            (&Method::GET, ["ws"]) => match self.identify(req.headers(), req.uri().query()).await {
+                Ok(credential) => self.upgrade(req, credential).await,
+                Err(err) => error_response(&err),
+            },
             (_, ["api", rest @ ..]) => {
                 let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
                 match self.authenticate(req.headers(), req.uri().query()).await {
@@ -285,6 +287,24 @@ impl Gateway {
             .auth
             .authenticate(AuthRequest { headers, query })
             .await;
+        self.count_unauthorized(result)
+    }
+
+    /// The credential of a WebSocket upgrade (user and expiry).
+    async fn identify(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Credential, Error> {
+        let result = self
+            .inner
+            .auth
+            .identify(AuthRequest { headers, query })
+            .await;
+        self.count_unauthorized(result)
+    }
+
+    fn count_unauthorized<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         if result.is_err() {
             self.inner.metrics.unauthorized.inc();
         }
@@ -293,10 +313,11 @@ impl Gateway {
 
     // ------------------------------------------------------------------ WebSocket
 
-    async fn upgrade<B>(&self, mut req: Request<B>, user: UserId) -> GatewayResponse
+    async fn upgrade<B>(&self, mut req: Request<B>, credential: Credential) -> GatewayResponse
     where
         B: Send + 'static,
     {
+        let Credential { user, expires_at } = credential;
         let headers = req.headers();
         let has_token = |name: header::HeaderName, token: &str| {
             headers.get_all(name).iter().any(|v| {
@@ -344,7 +365,13 @@ impl Gateway {
                 &json!({"error": {"code": "unavailable", "message": "connection limit reached"}}),
             );
         };
-        let (session, outbound) = match self.inner.chat.connect(user.clone()).await {
+        // The session ends at the credential's expiry (unless refreshed); its first frame
+        // describes it.
+        let options = SessionOptions::new()
+            .expires_at(expires_at)
+            .verifier(self.inner.verifier.clone())
+            .announce();
+        let (session, outbound) = match self.inner.chat.connect_with(user.clone(), options).await {
             Ok(x) => x,
             Err(Error::Shutdown) => {
                 return json_response(

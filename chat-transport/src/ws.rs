@@ -8,7 +8,8 @@
 //!   reaps the connection when nothing (not even a pong) arrived for `missed_pongs` intervals.
 //!
 //! Either side ending ends the other. Close codes: 1000 normal, 1001 server going away,
-//! 1009 frame too big, 4000 resync required, 4001 slow consumer, 4002 ping timeout.
+//! 1009 frame too big, 4000 resync required, 4001 slow consumer, 4002 ping timeout, 4003 token
+//! expired (refresh and reconnect), 4004 session revoked.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +42,10 @@ pub const CLOSE_RESYNC: u16 = 4000;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
 /// Close code: the client stopped answering pings.
 pub const CLOSE_PING_TIMEOUT: u16 = 4002;
+/// Close code: the token expired without a `refresh`; get a new token, reconnect and `sync`.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4003;
+/// Close code: the host revoked the user's sessions; do not reconnect with the same token.
+pub const CLOSE_REVOKED: u16 = 4004;
 
 /// The writer records the fan-out latency of one batch in this many.
 pub(crate) const LATENCY_SAMPLE_EVERY: u32 = 8;
@@ -515,6 +520,11 @@ impl Closing {
                 engine((CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and sync"))
             }
             CloseReason::Resync => engine((CLOSE_RESYNC, "resync required: reconnect and sync")),
+            CloseReason::TokenExpired => engine((
+                CLOSE_TOKEN_EXPIRED,
+                "token expired: refresh the token and reconnect",
+            )),
+            CloseReason::Revoked => engine((CLOSE_REVOKED, "session revoked")),
             // Going away: flush what is already queued first.
             _ => Self {
                 flush_first: true,

@@ -30,9 +30,12 @@ async fn the_gateway_mounts_in_axum_with_websockets_and_http() {
     ))
     .await
     .unwrap();
-    let reply = ws.next().await.unwrap().unwrap();
-    let v: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
-    assert_eq!(v["type"], "sync_done");
+    // The first frame describes the session, then the answer.
+    for expected in ["session", "sync_done"] {
+        let reply = ws.next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+        assert_eq!(v["type"], expected);
+    }
 
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

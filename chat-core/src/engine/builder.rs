@@ -86,7 +86,7 @@ impl ChatBuilder {
     }
 
     /// Starts the engine: starts the router and the background tasks (heartbeats, presence
-    /// changes, router inbox, push, housekeeping). Must run inside a tokio runtime.
+    /// changes, router inbox, session expiry, push, housekeeping). Must run inside a tokio runtime.
     pub async fn build(self) -> Result<Chat> {
         let config = self.config;
         config.validate()?;
@@ -131,6 +131,7 @@ impl ChatBuilder {
             shutdown,
             stats: Stats::default(),
             observers: self.observers,
+            expiries: Arc::default(),
         });
         let chat = Chat { inner };
         let weak = Arc::downgrade(&chat.inner);
@@ -141,6 +142,7 @@ impl ChatBuilder {
         tokio::spawn(tasks::presence_loop(engine(), presence_rx));
         tokio::spawn(tasks::heartbeat_loop(engine(), heartbeat));
         tokio::spawn(tasks::housekeeping_loop(engine()));
+        tokio::spawn(tasks::expiry_loop(engine(), chat.inner.expiries.clone()));
         if let Some((_, rx, notifier)) = push {
             tokio::spawn(push_worker(weak, token, rx, notifier));
         }

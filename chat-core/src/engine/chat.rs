@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::ChatConfig;
+use super::expiry::{Expiries, NEVER};
 use super::fanout::OrderLocks;
 use super::observer::{DynEngineObserver, EngineEvent, EngineObserver};
 use super::push::PushJob;
@@ -21,10 +22,11 @@ use crate::error::{Error, Result};
 use crate::hooks::DynCommandHook;
 use crate::id::{ConnectionId, NodeId, SnowflakeGenerator, UserId};
 use crate::presence::DynPresenceTracker;
-use crate::protocol::{Event, Frame};
+use crate::protocol::{Event, Frame, SessionLimits};
 use crate::router::{DynRouter, Topic};
 use crate::store::DynMessageStore;
-use crate::transport::{CloseReason, Outbound, Outbox, Session};
+use crate::time::now_ms;
+use crate::transport::{CloseReason, Outbound, Outbox, Session, SessionOptions};
 
 /// Connect/disconnect of one user are serialized through one of these stripes, so a second
 /// device never sees the first one's half-built registry entry.
@@ -69,6 +71,8 @@ pub(crate) struct Inner {
     pub(super) stats: Stats,
     /// The host's observers.
     pub(super) observers: Vec<DynEngineObserver>,
+    /// Session deadlines, watched by the expiry task (shared with it).
+    pub(super) expiries: Arc<Expiries>,
 }
 
 impl Drop for Inner {
@@ -140,10 +144,26 @@ impl Chat {
 
     /// Connects an authenticated user's device. The returned session takes commands; the
     /// outbound yields every frame for it. Live delivery is set up before this returns, so a
-    /// `sync` sent right after misses nothing.
+    /// `sync` sent right after misses nothing. The session never expires; see
+    /// [`Chat::connect_with`].
     pub async fn connect(&self, user: UserId) -> Result<(Session, Outbound)> {
+        self.connect_with(user, SessionOptions::default()).await
+    }
+
+    /// [`Chat::connect`] with the credential's expiry, a verifier for `refresh`, and the
+    /// `session` frame (see [`SessionOptions`]). A credential that expired already is refused
+    /// (`Unauthorized`); one that expires later closes the connection with
+    /// [`CloseReason::TokenExpired`] when it does, unless a `refresh` moved it.
+    pub async fn connect_with(
+        &self,
+        user: UserId,
+        options: SessionOptions,
+    ) -> Result<(Session, Outbound)> {
         if self.is_shutting_down() {
             return Err(Error::Shutdown);
+        }
+        if options.expires_at.is_some_and(|at| at <= now_ms()) {
+            return Err(super::expiry::expired());
         }
         let inner = &self.inner;
         let (outbox, outbound) = Outbox::new(inner.config.outbound_queue, inner.config.reply_queue);
@@ -151,7 +171,14 @@ impl Chat {
             id: inner.ids.connection_id(),
             user: user.clone(),
             outbox,
+            expires_at: std::sync::atomic::AtomicU64::new(NEVER),
+            verifier: options.verifier,
         });
+        // Before the connection can receive anything else: the first frame.
+        if options.announce {
+            let event = self.session_event(&conn, options.expires_at);
+            conn.outbox.reply(Arc::new(Frame::new(event))).await;
+        }
         {
             let _guard = self.user_lock(&user).await;
             if inner.registry.add(conn.clone()) {
@@ -162,6 +189,7 @@ impl Chat {
                 }
             }
         }
+        inner.expiries.start(&conn, options.expires_at);
         if let Err(err) = inner.presence.connect(&user, conn.id).await {
             warn!(%user, error = %err, "presence connect failed");
         }
@@ -171,6 +199,22 @@ impl Chat {
         });
         debug!(%user, connection = %conn.id, "connected");
         Ok((Session::new(self.clone(), conn), outbound))
+    }
+
+    /// The `session` event of a connection.
+    fn session_event(&self, conn: &ConnHandle, expires_at: Option<u64>) -> Event {
+        let config = &self.inner.config;
+        Event::Session {
+            user_id: conn.user.clone(),
+            connection_id: conn.id,
+            node_id: config.node_id,
+            expires_at,
+            limits: SessionLimits {
+                max_message_bytes: config.max_message_bytes as u64,
+                rate_per_second: config.rate_limit.map(|r| r.per_second.get()),
+                rate_burst: config.rate_limit.map(|r| r.burst.get()),
+            },
+        }
     }
 
     /// First connection of a user on this node: subscribe to their topic, index their
@@ -203,6 +247,7 @@ impl Chat {
             inner.registry.remove(id)
         };
         let Some(removed) = removed else { return };
+        inner.expiries.remove(id);
         inner.observe(EngineEvent::Disconnected { connection: id });
         for topic in &removed.topics {
             if let Err(err) = inner.router.unsubscribe(topic).await {
@@ -220,9 +265,29 @@ impl Chat {
         debug!(%user, connection = %id, "disconnected");
     }
 
+    /// Asks each connection's transport to close it for `reason`, then removes them (their
+    /// queues take nothing more).
+    pub(super) async fn close_connections(&self, conns: Vec<Arc<ConnHandle>>, reason: CloseReason) {
+        for conn in &conns {
+            conn.outbox.request_close(reason);
+        }
+        for conn in conns {
+            self.disconnect(conn.id).await;
+        }
+    }
+
+    /// Closes every connection of `user` on this node for `reason`; returns how many.
+    pub(super) async fn close_user(&self, user: &UserId, reason: CloseReason) -> usize {
+        let conns = self.inner.registry.user_connections(user);
+        let n = conns.len();
+        self.close_connections(conns, reason).await;
+        n
+    }
+
     /// Best-effort synchronous removal (when a session is dropped outside a runtime).
     pub(crate) fn disconnect_local(&self, id: ConnectionId) {
         if self.inner.registry.remove(id).is_some() {
+            self.inner.expiries.remove(id);
             self.inner
                 .observe(EngineEvent::Disconnected { connection: id });
         }

@@ -3,6 +3,7 @@
 
 use super::chat::Chat;
 use super::commands::Stored;
+use super::observer::EngineEvent;
 use crate::error::{Error, Result};
 use crate::id::{ConversationId, UserId};
 use crate::model::{
@@ -10,7 +11,9 @@ use crate::model::{
     Role,
 };
 use crate::protocol::{Event, SendMessage};
+use crate::router::{Envelope, Payload, Topic};
 use crate::time::now_ms;
+use crate::transport::CloseReason;
 
 impl Chat {
     /// Posts a message into a conversation from the host side (a bot, a system notice, an
@@ -52,6 +55,33 @@ impl Chat {
                 }
             }
         }
+    }
+
+    /// Revokes every session of `user`: their connections on this node, and on every other
+    /// node when the router is distributed (a `Payload::Revoke` on the user's topic), are
+    /// closed with [`CloseReason::Revoked`](crate::CloseReason::Revoked). Returns how many
+    /// were closed here. It does not stop the user from connecting again: refuse their
+    /// credential in the transport's authenticator too.
+    ///
+    /// The local connections are closed even when publishing to the other nodes fails (then
+    /// the publish error is returned).
+    pub async fn revoke_user(&self, user: &UserId) -> Result<usize> {
+        let closed = self.close_user(user, CloseReason::Revoked).await;
+        let inner = &self.inner;
+        if inner.router.is_distributed() {
+            let envelope = Envelope {
+                origin: inner.config.node_id,
+                topic: Topic::User(user.clone()),
+                payload: Payload::Revoke {
+                    user_id: user.clone(),
+                },
+            };
+            if let Err(err) = inner.router.publish(envelope).await {
+                inner.observe(EngineEvent::RouterError { error: &err });
+                return Err(err);
+            }
+        }
+        Ok(closed)
     }
 
     /// Creates a conversation (the creator is always a member, `owner` of a group). A direct

@@ -17,7 +17,8 @@
 //! | `commands/` | one file per command: parse → check → apply → reply |
 //! | `host.rs` | the host API: conversations, members, history, presence, posting |
 //! | `fanout.rs` | local delivery, publish to other nodes, slow consumers, the busy heuristic |
-//! | `tasks.rs` | router inbox, presence changes, heartbeat, housekeeping |
+//! | `tasks.rs` | router inbox, session expiry, presence changes, heartbeat, housekeeping |
+//! | `expiry.rs` | when each session's credential expires (one ordered map per node) |
 //! | `registry.rs` | who is connected here, which conversations have local members |
 //! | `observer.rs`, `stats.rs` | [`EngineObserver`] and the engine's own counters |
 
@@ -25,6 +26,7 @@ mod builder;
 mod chat;
 mod commands;
 mod config;
+mod expiry;
 mod fanout;
 mod host;
 mod observer;

@@ -3,12 +3,13 @@
 //! write it.
 
 use foldhash::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::id::{ConnectionId, ConversationId, UserId};
 use crate::protocol::Frame;
 use crate::router::Topic;
-use crate::transport::Outbox;
+use crate::transport::{DynTokenVerifier, Outbox};
 
 /// One live connection as the engine sees it.
 #[derive(Debug)]
@@ -19,6 +20,24 @@ pub(crate) struct ConnHandle {
     pub(crate) user: UserId,
     /// Its outbound queue: the only way to the client (bounds included).
     pub(crate) outbox: Outbox,
+    /// Unix milliseconds at which its credential expires (`expiry::NEVER`: never); read by
+    /// every command, written only under the node's `Expiries` lock.
+    pub(crate) expires_at: AtomicU64,
+    /// Checks the token of a `refresh` (supplied by the transport).
+    pub(crate) verifier: Option<DynTokenVerifier>,
+}
+
+impl ConnHandle {
+    /// Whether the credential expired at `now` (Unix milliseconds).
+    pub(crate) fn expired(&self, now: u64) -> bool {
+        now >= self.expires_at.load(Ordering::Acquire)
+    }
+
+    /// The expiry, `None` for never.
+    pub(crate) fn expiry(&self) -> Option<u64> {
+        let at = self.expires_at.load(Ordering::Acquire);
+        (at != super::expiry::NEVER).then_some(at)
+    }
 }
 
 /// What removing a connection changed.
@@ -346,6 +365,20 @@ impl Registry {
             .values()
             .map(|c| (c.user.clone(), c.id))
             .collect()
+    }
+
+    /// A connection here.
+    pub(crate) fn get(&self, id: ConnectionId) -> Option<Arc<ConnHandle>> {
+        self.read().conns.get(&id).cloned()
+    }
+
+    /// The connections of `user` here.
+    pub(crate) fn user_connections(&self, user: &UserId) -> Vec<Arc<ConnHandle>> {
+        self.read()
+            .users
+            .get(user)
+            .map(|e| e.conns.clone())
+            .unwrap_or_default()
     }
 
     /// Every connection here.

@@ -1,5 +1,5 @@
-//! The engine's background tasks: the router inbox (envelopes from other nodes, lag), presence
-//! changes to watchers, the batched presence heartbeat, and housekeeping. Each holds only a
+//! The engine's background tasks: the router inbox (envelopes from other nodes, lag), session
+//! expiry, presence changes to watchers, the batched presence heartbeat, and housekeeping. Each holds only a
 //! `Weak` of the engine and ends with [`Chat::shutdown`] (or when the engine is dropped).
 
 use std::future::Future;
@@ -11,9 +11,11 @@ use tracing::warn;
 
 use super::chat::{Chat, Inner};
 use super::commands::presence_event;
+use super::expiry::Expiries;
 use crate::model::Presence;
 use crate::protocol::Frame;
 use crate::router::{Inbound, Payload};
+use crate::time::now_ms;
 use crate::transport::CloseReason;
 
 /// What a background task holds of the engine: a `Weak` (the task never keeps the engine
@@ -78,6 +80,9 @@ pub(super) async fn router_loop(engine: Stopping, mut inbox: mpsc::Receiver<Inbo
                     chat.apply_membership(*conversation_id, user_id, *joined)
                         .await;
                 }
+                Payload::Revoke { user_id } => {
+                    chat.close_user(user_id, CloseReason::Revoked).await;
+                }
             },
             Inbound::Lagged => resync_everyone(&chat),
         }
@@ -102,6 +107,41 @@ fn resync_everyone(chat: &Chat) {
             conn.outbox.request_close(CloseReason::Resync);
             chat.disconnect(conn.id).await;
         });
+    }
+}
+
+/// Closes every session whose credential expired, with [`CloseReason::TokenExpired`]: one task
+/// for the node, sleeping until the earliest deadline (re-armed when an earlier one is added),
+/// instead of a timer per connection.
+pub(super) async fn expiry_loop(engine: Stopping, expiries: Arc<Expiries>) {
+    loop {
+        let wake = async {
+            let first = expiries.first();
+            let due = async {
+                match first {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = expiries.earlier_added() => {}
+                _ = due => {}
+            }
+            Some(())
+        };
+        let Some(((), chat)) = engine.next(wake).await else {
+            return;
+        };
+        let due = expiries.take_due(now_ms());
+        let conns = due
+            .into_iter()
+            .filter_map(|id| chat.inner.registry.get(id))
+            .collect();
+        chat.close_connections(conns, CloseReason::TokenExpired)
+            .await;
     }
 }
 

@@ -9,7 +9,7 @@ use crate::engine::Chat;
 use crate::error::Result;
 use crate::id::{ConnectionId, UserId};
 use crate::protocol::{Command, Event};
-use crate::transport::{CloseReason, Frame, Outbound, Session};
+use crate::transport::{CloseReason, Frame, Outbound, Session, SessionOptions};
 
 /// The in-process transport: [`connect`](InProcessTransport::connect) clients to a [`Chat`].
 /// It drives the engine through the same contract as any transport ([`crate::transport`]).
@@ -43,7 +43,17 @@ impl InProcessTransport {
 
     /// Connects a client authenticated as `user`.
     pub async fn connect(&self, user: impl Into<UserId>) -> Result<InProcessClient> {
-        let (session, outbound) = self.chat.connect(user.into()).await?;
+        self.connect_with(user, SessionOptions::default()).await
+    }
+
+    /// Connects a client with an expiry, a `refresh` verifier or the `session` frame (see
+    /// [`Chat::connect_with`]).
+    pub async fn connect_with(
+        &self,
+        user: impl Into<UserId>,
+        options: SessionOptions,
+    ) -> Result<InProcessClient> {
+        let (session, outbound) = self.chat.connect_with(user.into(), options).await?;
         Ok(InProcessClient {
             session: Arc::new(session),
             outbound,

@@ -34,11 +34,13 @@
 //! transport (a host mounts it in its own server, e.g. `chat_transport::Gateway` as a tower
 //! `Service`), so the contract is this module's types, not a `serve` method.
 
+mod credential;
 pub mod direct;
 mod frame;
 mod outbox;
 mod session;
 
+pub use credential::{Credential, DynTokenVerifier, SessionOptions, TokenVerifier};
 pub use direct::{DirectSocket, DirectWriter};
 pub use frame::{CODEC_SLOTS, Frame};
 pub(crate) use outbox::Outbox;
@@ -58,6 +60,12 @@ pub enum CloseReason {
     /// The transport ended the connection (the client closed it, the socket failed, or the
     /// transport refused a frame); see [`Session::request_close`].
     Disconnected,
+    /// The session's credential expired without a `refresh`: get a fresh token and reconnect
+    /// (then `sync`).
+    TokenExpired,
+    /// The host revoked the user's sessions ([`Chat::revoke_user`](crate::Chat::revoke_user)):
+    /// do not reconnect with the same credential.
+    Revoked,
 }
 
 impl CloseReason {
@@ -68,6 +76,8 @@ impl CloseReason {
             Self::Shutdown => "server shutting down",
             Self::Resync => "resync required",
             Self::Disconnected => "disconnected",
+            Self::TokenExpired => "token expired",
+            Self::Revoked => "session revoked",
         }
     }
 }

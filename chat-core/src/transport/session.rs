@@ -46,6 +46,12 @@ impl Session {
         self.conn.id
     }
 
+    /// Unix milliseconds at which the session's credential expires (moved by `refresh`);
+    /// `None`: never.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.conn.expiry()
+    }
+
     /// The engine this session belongs to.
     pub fn chat(&self) -> &Chat {
         &self.chat
@@ -76,7 +82,8 @@ impl Session {
         self.chat.reply(&self.conn, event).await;
     }
 
-    /// Resolves when the engine wants this connection closed (slow consumer, shutdown, resync);
+    /// Resolves when the engine wants this connection closed (slow consumer, shutdown, resync,
+    /// token expired, revoked);
     /// see [`Session::close_reason`]. The future may be kept (pinned) across a loop and polled
     /// again after it resolved: it stays ready.
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {

@@ -124,7 +124,7 @@ impl DecodeError {
 
 /// The JSON `type`s of [`Command`]s. Only used to tell "unknown type" from "bad fields" once
 /// decoding failed; a valid frame never looks here.
-const CLIENT_TYPES: [&str; 9] = [
+const CLIENT_TYPES: [&str; 10] = [
     "message",
     "typing",
     "delivered",
@@ -134,10 +134,11 @@ const CLIENT_TYPES: [&str; 9] = [
     "sync",
     "presence_subscribe",
     "presence_unsubscribe",
+    "refresh",
 ];
 
 /// The JSON `type`s of [`Event`]s.
-const SERVER_TYPES: [&str; 10] = [
+const SERVER_TYPES: [&str; 12] = [
     "message_ack",
     "message",
     "typing",
@@ -147,6 +148,8 @@ const SERVER_TYPES: [&str; 10] = [
     "sync_done",
     "presence",
     "membership",
+    "session",
+    "refreshed",
     "error",
 ];
 
@@ -367,6 +370,9 @@ mod tests {
             },
             Command::PresenceSubscribe { user_ids: vec![] },
             Command::PresenceUnsubscribe { user_ids: vec![] },
+            Command::Refresh {
+                token: String::new(),
+            },
         ];
         let names: Vec<_> = commands.iter().map(Command::type_name).collect();
         assert_eq!(names, CLIENT_TYPES);
@@ -422,6 +428,18 @@ mod tests {
                 user_id: "u".into(),
                 change: chat_core::protocol::MembershipChange::Joined,
             },
+            Event::Session {
+                user_id: "u".into(),
+                connection_id: Default::default(),
+                node_id: chat_core::NodeId::ZERO,
+                expires_at: None,
+                limits: chat_core::protocol::SessionLimits {
+                    max_message_bytes: 1,
+                    rate_per_second: None,
+                    rate_burst: None,
+                },
+            },
+            Event::Refreshed { expires_at: None },
             Event::Error {
                 code: ErrorCode::Invalid,
                 message: String::new(),

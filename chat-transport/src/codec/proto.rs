@@ -8,8 +8,10 @@
 //! here until it has a protobuf encoding.
 
 use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
-use chat_core::protocol::{MembershipChange, SendMessage};
-use chat_core::{Command, ConversationId, ErrorCode, Event, MessageId, UserId};
+use chat_core::protocol::{MembershipChange, SendMessage, SessionLimits};
+use chat_core::{
+    Command, ConnectionId, ConversationId, ErrorCode, Event, MessageId, NodeId, UserId,
+};
 
 use super::DecodeError;
 use super::pb;
@@ -243,6 +245,9 @@ impl From<&Command> for pb::ClientFrame {
             Command::PresenceUnsubscribe { user_ids } => {
                 CF::PresenceUnsubscribe(users_to_pb(user_ids))
             }
+            Command::Refresh { token } => CF::Refresh(pb::Refresh {
+                token: token.clone(),
+            }),
         };
         pb::ClientFrame { frame: Some(frame) }
     }
@@ -300,6 +305,7 @@ impl TryFrom<pb::ClientFrame> for Command {
             CF::PresenceUnsubscribe(u) => Command::PresenceUnsubscribe {
                 user_ids: users_from_pb(u)?,
             },
+            CF::Refresh(r) => Command::Refresh { token: r.token },
         })
     }
 }
@@ -378,6 +384,26 @@ impl From<&Event> for pb::ServerFrame {
                 message: message.clone(),
                 client_msg_id: client_msg_id.clone(),
             }),
+            Event::Session {
+                user_id,
+                connection_id,
+                node_id,
+                expires_at,
+                limits,
+            } => SF::Session(pb::Session {
+                user_id: user_id.to_string(),
+                connection_id: connection_id.get(),
+                node_id: u32::from(node_id.get()),
+                expires_at: *expires_at,
+                limits: Some(pb::SessionLimits {
+                    max_message_bytes: limits.max_message_bytes,
+                    rate_per_second: limits.rate_per_second,
+                    rate_burst: limits.rate_burst,
+                }),
+            }),
+            Event::Refreshed { expires_at } => SF::Refreshed(pb::Refreshed {
+                expires_at: *expires_at,
+            }),
         };
         pb::ServerFrame { frame: Some(frame) }
     }
@@ -451,6 +477,31 @@ impl TryFrom<pb::ServerFrame> for Event {
                 code: code_from_pb(e.code)?,
                 message: e.message,
                 client_msg_id: e.client_msg_id,
+            },
+            SF::Session(s) => {
+                let limits = s
+                    .limits
+                    .ok_or_else(|| invalid("Session.limits is not set".to_owned()))?;
+                let node_id = u16::try_from(s.node_id)
+                    .ok()
+                    .and_then(|n| NodeId::new(n).ok())
+                    .ok_or_else(|| {
+                        invalid(format!("Session.node_id: {} is out of range", s.node_id))
+                    })?;
+                Event::Session {
+                    user_id: UserId::from(s.user_id),
+                    connection_id: ConnectionId::from_raw(s.connection_id),
+                    node_id,
+                    expires_at: s.expires_at,
+                    limits: SessionLimits {
+                        max_message_bytes: limits.max_message_bytes,
+                        rate_per_second: limits.rate_per_second,
+                        rate_burst: limits.rate_burst,
+                    },
+                }
+            }
+            SF::Refreshed(r) => Event::Refreshed {
+                expires_at: r.expires_at,
             },
         })
     }

@@ -6,6 +6,7 @@
 mod change;
 mod presence;
 mod receipt;
+mod refresh;
 mod send;
 mod sync;
 mod typing;
@@ -14,6 +15,7 @@ pub(super) use presence::presence_event;
 pub(super) use send::Stored;
 
 use super::chat::Chat;
+use super::expiry::expired;
 use super::observer::EngineEvent;
 use super::registry::ConnHandle;
 use crate::error::{Error, Result};
@@ -21,14 +23,20 @@ use crate::hooks::HookContext;
 use crate::id::{ConversationId, UserId};
 use crate::model::ReceiptKind;
 use crate::protocol::Command;
+use crate::time::now_ms;
 
 impl Chat {
-    /// Runs one command of `conn`: the hooks (rate limit first), then its handler.
+    /// Runs one command of `conn`: the expiry check, the hooks (rate limit first), then its
+    /// handler. After the session's credential expired every command, `refresh` included, is
+    /// `Unauthorized`; this is the only place that checks it.
     pub(crate) async fn execute(&self, conn: &ConnHandle, mut command: Command) -> Result<()> {
         let inner = &self.inner;
         inner.observe(EngineEvent::Command {
             connection: conn.id,
         });
+        if conn.expired(now_ms()) {
+            return Err(expired());
+        }
         let ctx = HookContext {
             user: &conn.user,
             connection: conn.id,
@@ -69,6 +77,7 @@ impl Chat {
             Command::PresenceUnsubscribe { user_ids } => {
                 self.presence_unsubscribe(conn, user_ids).await
             }
+            Command::Refresh { token } => self.refresh(conn, token).await,
         }
     }
 
