@@ -6,8 +6,10 @@
 use std::collections::BTreeMap;
 
 use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
-use chat_core::protocol::SendMessage;
-use chat_core::{Command, ConversationId, ErrorCode, Event, Frame, MessageId, UserId};
+use chat_core::protocol::{SendMessage, SessionLimits};
+use chat_core::{
+    Command, ConnectionId, ConversationId, ErrorCode, Event, Frame, MessageId, NodeId, UserId,
+};
 use chat_transport::codec::pb::{self, client_frame::Frame as CF, server_frame::Frame as SF};
 use chat_transport::codec::{Codec, DecodeError};
 use proptest::prelude::*;
@@ -120,6 +122,12 @@ fn all_commands() -> Vec<Command> {
             user_ids: vec![UserId::from("b")],
         },
         Command::PresenceUnsubscribe { user_ids: vec![] },
+        Command::Refresh {
+            token: "eyJhbGciOiJIUzI1NiJ9.e30.sig".into(),
+        },
+        Command::Refresh {
+            token: String::new(),
+        },
     ]
 }
 
@@ -201,6 +209,32 @@ fn all_events() -> Vec<Event> {
             user_id: UserId::from("carol"),
             change: chat_core::protocol::MembershipChange::Left,
         },
+        Event::Session {
+            user_id: UserId::from("ålice"),
+            connection_id: ConnectionId::from_raw(u64::MAX),
+            node_id: NodeId::new(1023).unwrap(),
+            expires_at: Some(u64::MAX),
+            limits: SessionLimits {
+                max_message_bytes: 65_536,
+                rate_per_second: Some(20),
+                rate_burst: Some(u32::MAX),
+            },
+        },
+        Event::Session {
+            user_id: UserId::from("dev"),
+            connection_id: ConnectionId::from_raw(0),
+            node_id: NodeId::ZERO,
+            expires_at: None,
+            limits: SessionLimits {
+                max_message_bytes: 0,
+                rate_per_second: None,
+                rate_burst: None,
+            },
+        },
+        Event::Refreshed {
+            expires_at: Some(1_700_000_060_000),
+        },
+        Event::Refreshed { expires_at: None },
         Event::Error {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
@@ -311,6 +345,36 @@ fn the_json_codec_speaks_the_documented_wire_format() {
     assert_eq!(
         &text[..],
         br#"{"type":"presence","user_id":"bob","status":"offline","last_seen":null}"#
+    );
+    // Token life: refresh, refreshed, the session frame (as in docs/protocol.md).
+    assert_eq!(
+        Codec::Json
+            .decode(br#"{"type":"refresh","token":"eyJ.x.y"}"#)
+            .unwrap(),
+        Command::Refresh {
+            token: "eyJ.x.y".into()
+        }
+    );
+    assert_eq!(
+        &Codec::Json.encode(&Event::Refreshed {
+            expires_at: Some(1_700_003_600_000)
+        })[..],
+        br#"{"type":"refreshed","expires_at":1700003600000}"#
+    );
+    let session = Event::Session {
+        user_id: UserId::from("alice"),
+        connection_id: ConnectionId::from_raw(7),
+        node_id: NodeId::new(3).unwrap(),
+        expires_at: Some(1_700_000_900_000),
+        limits: SessionLimits {
+            max_message_bytes: 65_536,
+            rate_per_second: Some(20),
+            rate_burst: Some(50),
+        },
+    };
+    assert_eq!(
+        &Codec::Json.encode(&session)[..],
+        br#"{"type":"session","user_id":"alice","connection_id":"7","node_id":3,"expires_at":1700000900000,"limits":{"max_message_bytes":65536,"rate_per_second":20,"rate_burst":50}}"#
     );
 }
 
@@ -558,6 +622,33 @@ fn protobuf_rejects_what_it_cannot_represent() {
         Codec::Proto.decode(&[0x0a, 0xff, 0xff, 0xff]),
         Err(DecodeError::MalformedProto(_))
     ));
+    // A session frame without its limits, or with a node id out of range.
+    let session = pb::Session {
+        user_id: "u".into(),
+        connection_id: 1,
+        node_id: 1,
+        expires_at: None,
+        limits: None,
+    };
+    invalid_proto(
+        Codec::Proto.decode_event(&server(SF::Session(session.clone()))),
+        "Session.limits",
+    );
+    let limits = Some(pb::SessionLimits {
+        max_message_bytes: 1,
+        rate_per_second: None,
+        rate_burst: None,
+    });
+    for node_id in [1024, u32::MAX] {
+        invalid_proto(
+            Codec::Proto.decode_event(&server(SF::Session(pb::Session {
+                node_id,
+                limits,
+                ..session.clone()
+            }))),
+            "Session.node_id",
+        );
+    }
     let full = Codec::Proto.encode_command(&all_commands()[1]);
     assert!(matches!(
         Codec::Proto.decode(&full[..full.len() - 1]),
@@ -706,6 +797,7 @@ fn arb_command() -> BoxedStrategy<Command> {
             .prop_map(|user_ids| Command::PresenceSubscribe { user_ids }),
         prop::collection::vec(arb_user(), 0..5)
             .prop_map(|user_ids| Command::PresenceUnsubscribe { user_ids }),
+        arb_text().prop_map(|token| Command::Refresh { token }),
     ]
     .boxed()
 }
@@ -821,6 +913,33 @@ fn arb_event() -> BoxedStrategy<Event> {
                 message,
                 client_msg_id
             }),
+        (
+            (arb_user(), any::<u64>(), 0u16..=1023),
+            proptest::option::of(any::<u64>()),
+            (
+                any::<u64>(),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>())
+            )
+        )
+            .prop_map(
+                |(
+                    (user_id, connection_id, node_id),
+                    expires_at,
+                    (max_message_bytes, rate_per_second, rate_burst),
+                )| Event::Session {
+                    user_id,
+                    connection_id: ConnectionId::from_raw(connection_id),
+                    node_id: NodeId::new(node_id).unwrap(),
+                    expires_at,
+                    limits: SessionLimits {
+                        max_message_bytes,
+                        rate_per_second,
+                        rate_burst,
+                    },
+                }
+            ),
+        proptest::option::of(any::<u64>()).prop_map(|expires_at| Event::Refreshed { expires_at }),
     ]
     .boxed()
 }

@@ -835,3 +835,145 @@ async fn concurrent_senders_reach_every_socket_in_seq_order() {
         assert_eq!(got, (1..=(senders.len() * EACH) as u64).collect::<Vec<_>>());
     }
 }
+
+// ---------------------------------------------------------------- token life
+
+/// Unix milliseconds now (the engine's clock, which follows the system clock here).
+fn now_ms() -> u64 {
+    chat_core::time::now_ms()
+}
+
+/// A direct conversation alice–bob made by the host (the HTTP helper speaks dev auth).
+async fn alice_and_bob(s: &Server) -> String {
+    s.chat
+        .create_conversation(
+            &chat_core::UserId::from("alice"),
+            chat_core::model::ConversationKind::Direct,
+            &[chat_core::UserId::from("bob")],
+            None,
+        )
+        .await
+        .unwrap()
+        .conversation
+        .id
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_first_frame_is_the_session_frame_with_user_expiry_and_limits() {
+    let auth = Arc::new(JwtAuth::new(b"s3cret"));
+    let s = Server::start_with(|c| c.max_message_bytes = 1000, |_| {}, auth.clone()).await;
+    let token = auth.issue("alice", Duration::from_secs(600)).unwrap();
+    let exp = auth.verify_credential(&token).unwrap().expires_at.unwrap();
+    let ws = Ws::connect(&s.ws_url(&format!("token={token}")), None).await;
+    let session = ws.session_json();
+    assert_eq!(session["type"], "session", "{session}");
+    assert_eq!(session["user_id"], "alice");
+    assert!(
+        session["connection_id"].is_string(),
+        "64-bit ids are strings"
+    );
+    assert_eq!(session["node_id"], s.chat.node_id().get());
+    assert_eq!(session["expires_at"], exp);
+    assert_eq!(session["limits"]["max_message_bytes"], 1000);
+    assert_eq!(session["limits"]["rate_per_second"], 20);
+    assert_eq!(session["limits"]["rate_burst"], 50);
+    // Protobuf clients get it too; dev mode never expires.
+    let dev = Server::start().await;
+    let ws = Ws::connect(&dev.ws_url("user=bob"), Some("chat.v1.proto")).await;
+    let tokio_tungstenite::tungstenite::Message::Binary(bytes) = &ws.session else {
+        panic!("expected a binary session frame, got {:?}", ws.session);
+    };
+    match chat_transport::codec::Codec::Proto
+        .decode_event(bytes)
+        .unwrap()
+    {
+        chat_core::Event::Session {
+            user_id,
+            expires_at,
+            ..
+        } => {
+            assert_eq!(user_id.as_str(), "bob");
+            assert_eq!(expires_at, None);
+        }
+        other => panic!("expected the session frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_with_4003_at_exp_and_a_message_after_exp_is_not_acked() {
+    let auth = Arc::new(JwtAuth::new(b"s3cret"));
+    let s = Server::start_with(|_| {}, |_| {}, auth.clone()).await;
+    let conv = alice_and_bob(&s).await;
+    let token = auth.issue("alice", Duration::from_secs(2)).unwrap();
+    let mut ws = Ws::connect(&s.ws_url(&format!("token={token}")), None).await;
+    let exp = ws.session_json()["expires_at"].as_u64().unwrap();
+    ws.send_message(&conv, "before", "valid").await;
+    // Just past exp: the message must not be acked (the socket is closed or closing).
+    tokio::time::sleep(Duration::from_millis(exp.saturating_sub(now_ms()) + 20)).await;
+    ws.send(json!({"type": "message", "conversation_id": conv, "client_msg_id": "after", "content": "expired"}))
+        .await;
+    let code = loop {
+        match ws.next_frame(WAIT).await {
+            Some(chat_testkit::ws::Frame::Json(v)) => {
+                assert_ne!(v["type"], "message_ack", "acked after exp: {v}");
+                assert_eq!(v["code"], "unauthorized", "{v}");
+            }
+            Some(chat_testkit::ws::Frame::Closed(code)) => break code,
+            None => panic!("not closed after exp"),
+        }
+    };
+    assert_eq!(code, Some(chat_transport::ws::CLOSE_TOKEN_EXPIRED));
+    let at = now_ms();
+    assert!(at >= exp, "closed before exp");
+    assert!(at < exp + 2_000, "closed {} ms after exp", at - exp);
+    let history = s
+        .chat
+        .history(
+            &chat_core::UserId::from("alice"),
+            conv.parse().unwrap(),
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(history.items.len(), 1, "a message after exp was stored");
+}
+
+#[tokio::test]
+async fn refresh_over_the_socket_extends_it_and_bad_refreshes_get_typed_errors() {
+    let auth = Arc::new(JwtAuth::new(b"s3cret"));
+    let s = Server::start_with(|_| {}, |_| {}, auth.clone()).await;
+    let conv = alice_and_bob(&s).await;
+    let token = auth.issue("alice", Duration::from_secs(2)).unwrap();
+    let mut ws = Ws::connect(&s.ws_url(&format!("token={token}")), None).await;
+    let old_exp = ws.session_json()["expires_at"].as_u64().unwrap();
+    // Bad refreshes: typed errors, the socket stays open, the expiry does not move.
+    let bobs = auth.issue("bob", Duration::from_secs(600)).unwrap();
+    let frames = [
+        (json!({"type": "refresh", "token": bobs}), "forbidden"),
+        (
+            json!({"type": "refresh", "token": "garbage"}),
+            "unauthorized",
+        ),
+        (json!({"type": "refresh"}), "invalid"),
+        (json!({"type": "refresh", "token": 42}), "invalid"),
+    ];
+    for (frame, code) in frames {
+        ws.send(frame.clone()).await;
+        let err = ws.recv_type("error").await;
+        assert_eq!(err["code"], code, "{frame}: {err}");
+    }
+    let fresh = auth.issue("alice", Duration::from_secs(600)).unwrap();
+    let new_exp = auth.verify_credential(&fresh).unwrap().expires_at.unwrap();
+    ws.send(json!({"type": "refresh", "token": fresh})).await;
+    let refreshed = ws.recv_type("refreshed").await;
+    assert_eq!(refreshed["expires_at"], new_exp);
+    // Past the old exp the socket still works.
+    tokio::time::sleep(Duration::from_millis(
+        old_exp.saturating_sub(now_ms()) + 300,
+    ))
+    .await;
+    let ack = ws.send_message(&conv, "later", "still here").await;
+    assert_eq!(ack["seq"], 1);
+}
