@@ -57,6 +57,19 @@ async fn wait_stderr(
     err
 }
 
+/// The next line a client printed, as JSON.
+async fn next_json(
+    out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    what: &str,
+) -> Value {
+    let line = tokio::time::timeout(WAIT, out.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: the client ended"));
+    serde_json::from_str(&line).unwrap()
+}
+
 #[tokio::test]
 async fn the_tour_works_with_the_shipped_terminal_client() {
     let port = free_port();
@@ -95,27 +108,20 @@ async fn the_tour_works_with_the_shipped_terminal_client() {
         .unwrap();
 
     let mut alice_out = BufReader::new(alice.stdout.take().unwrap()).lines();
-    let ack: Value = serde_json::from_str(
-        &tokio::time::timeout(WAIT, alice_out.next_line())
-            .await
-            .expect("no ack")
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
+    let mut bob_out = BufReader::new(bob.stdout.take().unwrap()).lines();
+    // The first frame of each socket describes its session (dev mode: no expiry).
+    for (out, user) in [(&mut alice_out, "alice"), (&mut bob_out, "bob")] {
+        let session = next_json(out, "no session frame").await;
+        assert_eq!(session["type"], "session", "{session}");
+        assert_eq!(session["user_id"], user);
+        assert!(session.get("expires_at").is_none(), "{session}");
+    }
+    let ack = next_json(&mut alice_out, "no ack").await;
     assert_eq!(
         (ack["type"].as_str(), ack["seq"].as_u64()),
         (Some("message_ack"), Some(1))
     );
-    let mut bob_out = BufReader::new(bob.stdout.take().unwrap()).lines();
-    let got: Value = serde_json::from_str(
-        &tokio::time::timeout(WAIT, bob_out.next_line())
-            .await
-            .expect("bob got nothing")
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
+    let got = next_json(&mut bob_out, "bob got nothing").await;
     assert_eq!(got["type"], "message");
     assert_eq!(got["message"]["content"], "hi bob");
     // Ctrl-D (end of input) closes alice's client cleanly.
