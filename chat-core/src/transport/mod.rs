@@ -6,7 +6,11 @@
 //! own) does four things per connection:
 //!
 //! 1. **Accept and authenticate**, then [`Chat::connect`](crate::Chat::connect) the user: it
-//!    returns a [`Session`] (commands in) and an [`Outbound`] (frames out).
+//!    returns a [`Session`] (commands in) and an [`Outbound`] (frames out). A transport whose
+//!    credentials expire uses [`Chat::connect_with`](crate::Chat::connect_with) and
+//!    [`SessionOptions`]: the engine then refuses commands after the expiry, closes the
+//!    connection with [`CloseReason::TokenExpired`] at it, and accepts `refresh` commands
+//!    whose token the transport's [`TokenVerifier`] accepts.
 //! 2. **Read**: decode each client frame into a [`Command`](crate::Command) and await
 //!    [`Session::handle`] before reading the next one (this is what makes one socket's
 //!    commands run in order). A frame that does not decode gets [`Session::reply`] with an
@@ -15,8 +19,8 @@
 //!    [`Frame`] (the encoding is cached per codec in the frame, so a group message is encoded
 //!    once per node, not per recipient) and write the batch with one flush.
 //!    [`Batch::CloseRequested`] means the engine wants the connection closed for a
-//!    [`CloseReason`] (slow consumer, shutdown, resync); the transport maps it to its own
-//!    close code.
+//!    [`CloseReason`] (slow consumer, shutdown, resync, token expired, revoked); the transport
+//!    maps it to its own close code.
 //! 4. **End**: when the client goes away, [`Session::request_close`] with
 //!    [`CloseReason::Disconnected`] stops the writer, and dropping (or
 //!    [`Session::close`]-ing) the session leaves the registry and presence.
