@@ -62,7 +62,9 @@ impl<'a> AuthRequest<'a> {
 
 pub use chat_core::transport::Credential;
 
-/// Turns a request into a user, or [`Error::Unauthorized`].
+/// Turns a request into a user, or [`Error::Unauthorized`]. The gateway asks
+/// [`Authenticator::identify`] for every request (HTTP and WebSocket); its default asks
+/// [`Authenticator::authenticate`], so an authenticator without expiry implements only that.
 #[async_trait]
 pub trait Authenticator: Send + Sync + fmt::Debug + 'static {
     /// The authenticated user of the request.

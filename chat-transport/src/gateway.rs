@@ -277,20 +277,17 @@ impl Gateway {
         }
     }
 
+    /// The caller of an HTTP request.
     async fn authenticate(
         &self,
         headers: &http::HeaderMap,
         query: Option<&str>,
     ) -> Result<UserId, Error> {
-        let result = self
-            .inner
-            .auth
-            .authenticate(AuthRequest { headers, query })
-            .await;
-        self.count_unauthorized(result)
+        self.identify(headers, query).await.map(|c| c.user)
     }
 
-    /// The credential of a WebSocket upgrade (user and expiry).
+    /// The credential of a request (user and expiry; a WebSocket's session ends at the
+    /// expiry). Failures are counted.
     async fn identify(
         &self,
         headers: &http::HeaderMap,
@@ -301,10 +298,6 @@ impl Gateway {
             .auth
             .identify(AuthRequest { headers, query })
             .await;
-        self.count_unauthorized(result)
-    }
-
-    fn count_unauthorized<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         if result.is_err() {
             self.inner.metrics.unauthorized.inc();
         }

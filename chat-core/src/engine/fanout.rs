@@ -11,6 +11,7 @@ use tracing::warn;
 use super::chat::Chat;
 use super::observer::EngineEvent;
 use super::registry::Delivery;
+use crate::error::Result;
 use crate::id::{ConnectionId, ConversationId, UserId};
 use crate::protocol::{Event, Frame, MembershipChange};
 use crate::router::{Envelope, Payload, Topic};
@@ -108,6 +109,25 @@ impl Chat {
         }
     }
 
+    /// Publishes `payload` on `user`'s topic, so it reaches the other nodes where the user is
+    /// online (nothing when the router is not distributed). A failure is counted and returned.
+    pub(super) async fn publish_to_user(&self, user: &UserId, payload: Payload) -> Result<()> {
+        let inner = &self.inner;
+        if !inner.router.is_distributed() {
+            return Ok(());
+        }
+        let envelope = Envelope {
+            origin: inner.config.node_id,
+            topic: Topic::User(user.clone()),
+            payload,
+        };
+        inner
+            .router
+            .publish(envelope)
+            .await
+            .inspect_err(|error| inner.observe(EngineEvent::RouterError { error }))
+    }
+
     /// A user joined or left: update this node's registry, tell the other nodes where the user
     /// is connected (`Payload::Membership` on their user topic), and send a `membership` event
     /// to the user's devices and, when `announce` is set, to the conversation's members.
@@ -119,21 +139,13 @@ impl Chat {
         announce: bool,
     ) {
         self.apply_membership(conversation, user, joined).await;
-        let inner = &self.inner;
-        if inner.router.is_distributed() {
-            let envelope = Envelope {
-                origin: inner.config.node_id,
-                topic: Topic::User(user.clone()),
-                payload: Payload::Membership {
-                    conversation_id: conversation,
-                    user_id: user.clone(),
-                    joined,
-                },
-            };
-            if let Err(err) = inner.router.publish(envelope).await {
-                inner.observe(EngineEvent::RouterError { error: &err });
-                warn!(error = %err, "router publish (membership) failed");
-            }
+        let payload = Payload::Membership {
+            conversation_id: conversation,
+            user_id: user.clone(),
+            joined,
+        };
+        if let Err(err) = self.publish_to_user(user, payload).await {
+            warn!(error = %err, "router publish (membership) failed");
         }
         let event = Event::Membership {
             conversation_id: conversation,

@@ -3,7 +3,6 @@
 
 use super::chat::Chat;
 use super::commands::Stored;
-use super::observer::EngineEvent;
 use crate::error::{Error, Result};
 use crate::id::{ConversationId, UserId};
 use crate::model::{
@@ -11,7 +10,7 @@ use crate::model::{
     Role,
 };
 use crate::protocol::{Event, SendMessage};
-use crate::router::{Envelope, Payload, Topic};
+use crate::router::Payload;
 use crate::time::now_ms;
 use crate::transport::CloseReason;
 
@@ -67,20 +66,10 @@ impl Chat {
     /// the publish error is returned).
     pub async fn revoke_user(&self, user: &UserId) -> Result<usize> {
         let closed = self.close_user(user, CloseReason::Revoked).await;
-        let inner = &self.inner;
-        if inner.router.is_distributed() {
-            let envelope = Envelope {
-                origin: inner.config.node_id,
-                topic: Topic::User(user.clone()),
-                payload: Payload::Revoke {
-                    user_id: user.clone(),
-                },
-            };
-            if let Err(err) = inner.router.publish(envelope).await {
-                inner.observe(EngineEvent::RouterError { error: &err });
-                return Err(err);
-            }
-        }
+        let payload = Payload::Revoke {
+            user_id: user.clone(),
+        };
+        self.publish_to_user(user, payload).await?;
         Ok(closed)
     }
 
