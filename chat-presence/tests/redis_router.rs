@@ -289,4 +289,16 @@ async fn two_engines_chat_and_see_presence_through_redis() {
             ..
         }
     ));
+    // Revocation crosses nodes through Redis too: bob's new device on node 2 is closed by a
+    // revoke on node 1, where bob has none.
+    let bob_again = nodes[1].connect("bob").await.unwrap();
+    assert_eq!(nodes[0].chat().revoke_user(&bob_id).await.unwrap(), 0);
+    tokio::time::timeout(Duration::from_secs(5), bob_again.session().closed())
+        .await
+        .expect("bob's device on the other node was not revoked");
+    assert_eq!(
+        bob_again.close_reason(),
+        Some(chat_core::CloseReason::Revoked)
+    );
+    assert!(alice.close_reason().is_none());
 }
