@@ -15,6 +15,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { createHmac } from 'node:crypto';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SERVER_BIN = path.resolve(HERE, process.env.CHAT_SERVER_BIN || '../../target/debug/chat-server');
@@ -43,7 +44,7 @@ function freePort() {
   });
 }
 
-async function startServer() {
+async function startServer(extraEnv = {}) {
   if (!existsSync(SERVER_BIN)) {
     throw new Error(`chat-server binary not found at ${SERVER_BIN} (build it: cargo build --bin chat-server, or set CHAT_SERVER_BIN)`);
   }
@@ -51,7 +52,8 @@ async function startServer() {
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
     const env = { ...process.env, CHAT_BIND: `127.0.0.1:${port}`, CHAT_OFFLINE_DEBOUNCE_MS: '1000', CHAT_MAX_MESSAGE_BYTES: '2048', CHAT_RATE_BURST: '500' };
-    delete env.CHAT_JWT_SECRET; // dev mode: ?user=<id>
+    delete env.CHAT_JWT_SECRET; // dev mode: ?user=<id> (unless extraEnv sets a secret)
+    Object.assign(env, extraEnv);
     delete env.CHAT_REDIS_URL;
     delete env.CHAT_SCYLLA_URI;
     env.RUST_LOG = env.RUST_LOG || 'info';
@@ -78,9 +80,9 @@ async function startServer() {
   }
 }
 
-async function stopServer() {
-  if (!server) return;
-  const { proc } = server;
+async function stopServer(which = server) {
+  if (!which) return;
+  const { proc } = which;
   if (proc.exitCode === null && proc.signalCode === null) {
     const done = new Promise((r) => proc.once('exit', r));
     proc.kill('SIGTERM');
@@ -88,7 +90,7 @@ async function stopServer() {
     await done;
     clearTimeout(timer);
   }
-  server = null;
+  if (which === server) server = null;
 }
 // Last resort if the runner is torn down without the after() hook.
 process.on('exit', () => { if (server && server.proc.exitCode === null) server.proc.kill('SIGKILL'); });
@@ -106,6 +108,13 @@ function step(name, fn) {
       throw e;
     }
   });
+}
+
+/** An HS256 JWT for `claims`, signed with `secret` (what the host's identity provider issues). */
+function hs256(claims, secret) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
 }
 
 const tid = (id, extra = '') => `[data-testid="${id}"]${extra}`;
@@ -338,6 +347,30 @@ step('bob closes his page: after the offline debounce alice sees him offline', a
   await alice.locator(tid('conversation-header')).locator(tid('presence-dot', '[data-user="bob"][data-status="offline"]')).waitFor();
   await alice.locator(tid('conversation-item')).locator(tid('presence-dot', '[data-user="bob"][data-status="offline"]')).waitFor();
   await shoot(alice, 'alice-bob-offline');
+});
+
+step('with a JWT that expires, the page is closed with 4003, says so and stops reconnecting', async () => {
+  const secret = 'browser-test-secret';
+  const jwtServer = await startServer({ CHAT_JWT_SECRET: secret });
+  const context = await browser.newContext({ viewport: VIEWPORT });
+  try {
+    const page = await context.newPage();
+    page.setDefaultTimeout(WAIT);
+    page.on('pageerror', (e) => pageErrors.push(`dora: ${e.message}`));
+    const token = hs256({ sub: 'dora', exp: Math.floor(Date.now() / 1000) + 3 }, secret);
+    await page.goto(`${jwtServer.url}/?token=${token}`);
+    await page.locator(tid('connection-status', '[data-status="online"]')).waitFor();
+    // The server closes the socket at exp (4003); the page says why and does not retry.
+    await page.locator(tid('error-banner', '[data-code="token_expired"]')).waitFor();
+    await page.locator(tid('connection-status', '[data-status="offline"]')).waitFor();
+    assert.equal(await page.locator('#conn-label').textContent(), 'token expired');
+    await page.waitForTimeout(1500);
+    assert.equal(await page.locator(tid('connection-status')).getAttribute('data-status'), 'offline',
+      'the page reconnected with an expired token');
+  } finally {
+    await context.close();
+    await stopServer(jwtServer);
+  }
 });
 
 step('no uncaught errors in the pages', async () => {
