@@ -203,7 +203,7 @@ async fn jwt_auth_on_upgrade_and_http() {
     let wrong = JwtAuth::new(b"other")
         .issue("alice", Duration::from_secs(60))
         .unwrap();
-    // exp one hour in the past (beyond the leeway).
+    // exp one hour in the past.
     let expired = {
         #[derive(serde::Serialize)]
         struct C<'a> {
