@@ -118,3 +118,12 @@ mod redis_store;
 
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisStore, RedisStoreOptions};
+
+#[cfg(feature = "scylla")]
+mod scylla_store;
+
+#[cfg(feature = "scylla")]
+pub use scylla_store::{
+    Consistency, DEFAULT_BUCKET_SIZE, Replication, SCHEMA_VERSION, ScyllaStore,
+    ScyllaStoreOptions, SerialConsistency, Tablets,
+};

@@ -1,0 +1,362 @@
+//! `ScyllaStore` against a real CQL node: Apache Cassandra 5.0, started by the README's test
+//! command (`scripts/test.sh`, which runs `scripts/cassandra.sh`) and named by
+//! `CHAT_TEST_SCYLLA_URI` (`host:port`, comma-separated for several contact points).
+//! **Without `CHAT_TEST_SCYLLA_URI` every test here fails**; `scripts/test.sh` skips this
+//! binary (loudly) only when Java 11/17 or Maven is missing.
+//!
+//! ```text
+//! scripts/cassandra.sh start
+//! CHAT_TEST_SCYLLA_URI=127.0.0.1:19042 cargo test -p chat-store --test scylla_store
+//! scripts/cassandra.sh stop
+//! ```
+//!
+//! * The whole `MessageStore` conformance suite, all cases in one keyspace created for this
+//!   test process (random name; the cases use random ids), with 16 seqs per bucket so every
+//!   case crosses partition boundaries.
+//! * CQL-specific cases: two stores ("nodes") appending to one conversation, the crash windows
+//!   of the append protocol (rows left as a crashed node would leave them, then a retry), the
+//!   versioned schema, and an unreachable node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use chat_core::Error;
+use chat_core::model::NewMessage;
+use chat_core::store::{DynMessageStore, MessageStore};
+use chat_core::testing::store::{Fixture, random_u64};
+use chat_store::{ScyllaStore, ScyllaStoreOptions};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+
+/// Seqs per bucket of the test keyspace: small, so that the suite reads across buckets.
+const TEST_BUCKET: u64 = 16;
+
+fn contact_points() -> Vec<String> {
+    let uri = std::env::var("CHAT_TEST_SCYLLA_URI").unwrap_or_default();
+    let points: Vec<String> = uri
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !points.is_empty(),
+        "CHAT_TEST_SCYLLA_URI is not set: these tests need a real CQL node. Run the README's \
+         test command (scripts/test.sh starts Apache Cassandra), or `scripts/cassandra.sh start` \
+         and `export CHAT_TEST_SCYLLA_URI=127.0.0.1:19042`."
+    );
+    points
+}
+
+/// The keyspace of this test process.
+fn keyspace() -> &'static str {
+    static KS: OnceLock<String> = OnceLock::new();
+    KS.get_or_init(|| format!("chat_test_{:012x}", random_u64() & 0xffff_ffff_ffff))
+}
+
+fn options() -> ScyllaStoreOptions {
+    ScyllaStoreOptions::new(keyspace()).with_bucket_size(TEST_BUCKET)
+}
+
+async fn open() -> ScyllaStore {
+    ScyllaStore::with_options(&contact_points(), options())
+        .await
+        .expect("connect to the test CQL node (CHAT_TEST_SCYLLA_URI)")
+}
+
+/// A store on the test keyspace (one session per test: each test has its own runtime).
+async fn scylla_test_store() -> (DynMessageStore, ()) {
+    (Arc::new(open().await), ())
+}
+
+/// A raw session, to leave rows behind as a crashed node would.
+async fn raw_session() -> Session {
+    SessionBuilder::new()
+        .known_nodes(contact_points())
+        .build()
+        .await
+        .expect("raw session")
+}
+
+mod cql {
+    use super::*;
+    chat_core::store_conformance_tests!(with_guard, scylla_test_store());
+}
+
+// ------------------------------------------------------------------- CQL-specific cases
+
+/// Two stores, as on two chat nodes (separate sessions, separate in-process locks), append to
+/// one conversation concurrently: their conditional inserts collide and are retried, and the
+/// seqs are still exactly 1..=N, read the same from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_append_gap_free() {
+    const PER_TASK: usize = 20;
+    const TASKS_PER_NODE: usize = 4;
+    let node_a = Arc::new(open().await);
+    let node_b = Arc::new(open().await);
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*node_a, 4).await;
+
+    let mut handles = Vec::new();
+    for t in 0..2 * TASKS_PER_NODE {
+        let store = if t % 2 == 0 {
+            node_a.clone()
+        } else {
+            node_b.clone()
+        };
+        let (fx, sender) = (fx.clone(), users[t % users.len()].clone());
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_TASK {
+                let new = fx.new_message(conv.id, &sender, &format!("{t}-{i}"), "x");
+                let a = store.append(new.clone()).await.unwrap();
+                assert!(!a.duplicate);
+                assert_eq!(a.message, new.into_message(a.message.seq));
+                seqs.push(a.message.seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        let seqs = h.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    let total = (2 * TASKS_PER_NODE * PER_TASK) as u64;
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "gap-free across nodes"
+    );
+    let from_a = node_a.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    let from_b = node_b.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    assert_eq!(from_a.len() as u64, total);
+    assert_eq!(from_a, from_b);
+    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), total);
+}
+
+/// Two nodes retrying the same send concurrently: one message, both get its ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_retry_one_send() {
+    let node_a = Arc::new(open().await);
+    let node_b = Arc::new(open().await);
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*node_a, 2).await;
+    fx.send(&*node_a, conv.id, &users[1], "before").await;
+    let mut handles = Vec::new();
+    for r in 0..8 {
+        let store = if r % 2 == 0 {
+            node_a.clone()
+        } else {
+            node_b.clone()
+        };
+        let new = fx.new_message(conv.id, &users[0], "same", &format!("attempt {r}"));
+        handles.push(tokio::spawn(async move { store.append(new).await.unwrap() }));
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(results.iter().all(|a| a.message == results[0].message));
+    assert_eq!(results[0].message.seq, 2);
+    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), 2);
+}
+
+fn ks_table(table: &str) -> String {
+    format!("{}.{table}", keyspace())
+}
+
+/// Writes the idempotency claim a node makes first, as if it crashed right after it.
+async fn leave_claim(raw: &Session, new: &NewMessage, seq: u64) {
+    raw.query_unpaged(
+        format!(
+            "INSERT INTO {} (conversation_id, sender_id, client_msg_id, seq, message_id, kind, \
+             content, created_at) VALUES (?, ?, ?, ?, ?, 'text', ?, ?)",
+            ks_table("idempotency")
+        ),
+        (
+            new.conversation_id.get() as i64,
+            new.sender_id.as_str(),
+            new.client_msg_id.as_str(),
+            seq as i64,
+            new.message_id.get() as i64,
+            new.content.as_str(),
+            new.created_at as i64,
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Crash after the claim, before the message row: the retry (a new attempt with another
+/// message id and content, as a client resending after a reconnect) finishes the claimed
+/// message at the claimed seq, so the seq is not left empty and nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_finishes_the_claim_of_a_crashed_node() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    fx.send(&store, conv.id, &users[1], "one").await;
+
+    let crashed = fx.new_message(conv.id, &users[0], "k", "written by the crashed node");
+    leave_claim(&raw, &crashed, 2).await;
+    assert_eq!(store.last_seq(conv.id).await.unwrap(), 1, "nothing stored yet");
+
+    let retry = fx.new_message(conv.id, &users[0], "k", "the retry");
+    let a = store.append(retry).await.unwrap();
+    assert!(a.duplicate, "the claim was the original attempt");
+    assert_eq!(a.message, crashed.clone().into_message(2));
+    assert_eq!(store.last_seq(conv.id).await.unwrap(), 2);
+    let next = fx.send(&store, conv.id, &users[1], "three").await;
+    assert_eq!(next.seq, 3, "no gap");
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        Some(all[1].clone())
+    );
+}
+
+/// A claim left at a seq that another message took meanwhile (its node lost the race and
+/// crashed): the retry moves the claim to the end and stores the message once, gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_moves_a_stale_claim() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let crashed = fx.new_message(conv.id, &users[0], "k", "lost the race");
+    leave_claim(&raw, &crashed, 1).await;
+    let winner = fx.send(&store, conv.id, &users[1], "took seq 1").await;
+    assert_eq!(winner.seq, 1);
+
+    let a = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry"))
+        .await
+        .unwrap();
+    assert!(a.duplicate);
+    assert_eq!(a.message, crashed.clone().into_message(2));
+    let again = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry 2"))
+        .await
+        .unwrap();
+    assert_eq!(again.message, a.message);
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].message_id, crashed.message_id);
+}
+
+/// Crash after the message row, before the writes that follow it (id lookup, activity, sent
+/// set): the message is already in history and sync (seq taken, no gap); the retry — which
+/// the client sends because it never got the ack — completes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let crashed = fx.new_message(conv.id, &users[0], "k", "stored, then crash");
+    leave_claim(&raw, &crashed, 1).await;
+    raw.query_unpaged(
+        format!(
+            "INSERT INTO {} (conversation_id, bucket, seq, message_id, sender_id, client_msg_id, \
+             kind, content, created_at, deleted, version) \
+             VALUES (?, 0, 1, ?, ?, 'k', 'text', ?, ?, false, 1)",
+            ks_table("messages")
+        ),
+        (
+            conv.id.get() as i64,
+            crashed.message_id.get() as i64,
+            crashed.sender_id.as_str(),
+            crashed.content.as_str(),
+            crashed.created_at as i64,
+        ),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(store.last_seq(conv.id).await.unwrap(), 1);
+    assert_eq!(
+        store.messages_after(conv.id, 0, 10).await.unwrap(),
+        vec![crashed.clone().into_message(1)]
+    );
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        None,
+        "the id lookup is written after the row"
+    );
+
+    let a = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry"))
+        .await
+        .unwrap();
+    assert!(a.duplicate);
+    assert_eq!(a.message, crashed.clone().into_message(1));
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        Some(a.message.clone())
+    );
+    let c = store.conversation(conv.id).await.unwrap().unwrap();
+    assert_eq!(
+        (c.last_seq, c.last_activity),
+        (1, crashed.message_id.get())
+    );
+    assert_eq!(store.unread(conv.id, &users[0]).await.unwrap(), 0);
+    assert_eq!(store.unread(conv.id, &users[1]).await.unwrap(), 1);
+    assert_eq!(fx.send(&store, conv.id, &users[1], "next").await.seq, 2);
+}
+
+/// The schema is versioned and created once: a second store on the keyspace migrates nothing,
+/// and the bucket size recorded at creation wins over a different option.
+#[tokio::test]
+async fn cql_schema_is_versioned_and_keeps_its_bucket_size() {
+    let first = open().await;
+    assert_eq!(first.bucket_size(), TEST_BUCKET);
+    let other = ScyllaStore::with_options(&contact_points(), options().with_bucket_size(1000))
+        .await
+        .unwrap();
+    assert_eq!(other.bucket_size(), TEST_BUCKET, "the stored size wins");
+    let raw = raw_session().await;
+    let row = raw
+        .query_unpaged(
+            format!(
+                "SELECT version, bucket_size FROM {} WHERE id = 'schema'",
+                ks_table("schema_version")
+            ),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(i32, i64)>()
+        .unwrap();
+    assert_eq!(row, (chat_store::SCHEMA_VERSION, TEST_BUCKET as i64));
+}
+
+/// No node at the address: a clear, transient `Unavailable` within the timeouts.
+#[tokio::test]
+async fn cql_unreachable_node_is_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let r = ScyllaStore::with_options(
+        &[format!("127.0.0.1:{port}")],
+        ScyllaStoreOptions::new("chat_unreachable").with_connect_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let err = r.expect_err("no node there");
+    assert!(
+        matches!(err, Error::Unavailable { backend: "scylla", .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
