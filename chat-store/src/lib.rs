@@ -124,6 +124,6 @@ mod scylla_store;
 
 #[cfg(feature = "scylla")]
 pub use scylla_store::{
-    Consistency, DEFAULT_BUCKET_SIZE, Replication, SCHEMA_VERSION, ScyllaStore,
-    ScyllaStoreOptions, SerialConsistency, Tablets,
+    Consistency, DEFAULT_BUCKET_SIZE, Replication, SCHEMA_VERSION, ScyllaStore, ScyllaStoreOptions,
+    SerialConsistency, Tablets,
 };

@@ -154,7 +154,9 @@ async fn cql_two_nodes_retry_one_send() {
             node_b.clone()
         };
         let new = fx.new_message(conv.id, &users[0], "same", &format!("attempt {r}"));
-        handles.push(tokio::spawn(async move { store.append(new).await.unwrap() }));
+        handles.push(tokio::spawn(
+            async move { store.append(new).await.unwrap() },
+        ));
     }
     let mut results = Vec::new();
     for h in handles {
@@ -205,7 +207,11 @@ async fn cql_retry_finishes_the_claim_of_a_crashed_node() {
 
     let crashed = fx.new_message(conv.id, &users[0], "k", "written by the crashed node");
     leave_claim(&raw, &crashed, 2).await;
-    assert_eq!(store.last_seq(conv.id).await.unwrap(), 1, "nothing stored yet");
+    assert_eq!(
+        store.last_seq(conv.id).await.unwrap(),
+        1,
+        "nothing stored yet"
+    );
 
     let retry = fx.new_message(conv.id, &users[0], "k", "the retry");
     let a = store.append(retry).await.unwrap();
@@ -302,10 +308,7 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
         Some(a.message.clone())
     );
     let c = store.conversation(conv.id).await.unwrap().unwrap();
-    assert_eq!(
-        (c.last_seq, c.last_activity),
-        (1, crashed.message_id.get())
-    );
+    assert_eq!((c.last_seq, c.last_activity), (1, crashed.message_id.get()));
     assert_eq!(store.unread(conv.id, &users[0]).await.unwrap(), 0);
     assert_eq!(store.unread(conv.id, &users[1]).await.unwrap(), 1);
     assert_eq!(fx.send(&store, conv.id, &users[1], "next").await.seq, 2);
@@ -354,7 +357,13 @@ async fn cql_unreachable_node_is_unavailable() {
     .await;
     let err = r.expect_err("no node there");
     assert!(
-        matches!(err, Error::Unavailable { backend: "scylla", .. }),
+        matches!(
+            err,
+            Error::Unavailable {
+                backend: "scylla",
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.is_transient());

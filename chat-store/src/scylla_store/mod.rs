@@ -62,19 +62,15 @@ fn db_err(e: ExecutionError) -> Error {
     use scylla::errors::DbError;
     match &e {
         ExecutionError::BadQuery(_) => internal(e),
-        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _))
-            if matches!(
-                db,
-                DbError::SyntaxError
-                    | DbError::Invalid
-                    | DbError::AlreadyExists { .. }
-                    | DbError::FunctionFailure { .. }
-                    | DbError::ConfigError
-                    | DbError::ProtocolError
-            ) =>
-        {
-            internal(e)
-        }
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::SyntaxError
+            | DbError::Invalid
+            | DbError::AlreadyExists { .. }
+            | DbError::FunctionFailure { .. }
+            | DbError::ConfigError
+            | DbError::ProtocolError,
+            _,
+        )) => internal(e),
         _ => Error::unavailable(BACKEND, e),
     }
 }
@@ -478,7 +474,9 @@ impl ScyllaStore {
         }
         let mut policy = DefaultPolicy::builder().token_aware(true);
         if let Some(dc) = &options.local_datacenter {
-            policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(false);
+            policy = policy
+                .prefer_datacenter(dc.clone())
+                .permit_dc_failover(false);
         }
         let profile = ExecutionProfile::builder()
             .consistency(options.consistency.to_driver())
@@ -506,9 +504,8 @@ impl ScyllaStore {
         };
         // Connecting and migrating may take several requests: bound them together.
         let bound = options.operation_timeout.max(options.connect_timeout) * 3;
-        let (session, st, bucket_size) = tokio::time::timeout(bound, connect)
-            .await
-            .map_err(|_| {
+        let (session, st, bucket_size) =
+            tokio::time::timeout(bound, connect).await.map_err(|_| {
                 Error::unavailable(
                     BACKEND,
                     format!(
@@ -701,14 +698,12 @@ impl ScyllaStore {
             })
             .collect();
         futures::stream::iter(owned)
-            .map(|(role, u): (String, UserId)| {
-                async move {
-                    tokio::try_join!(
-                        self.exec(&st.member_insert, (cid, u.as_str(), &role, created_at)),
-                        self.exec(&st.marker_set, (0i64, 0i64, 0i64, cid, u.as_str())),
-                        self.exec(&st.user_conv_insert, (u.as_str(), cid)),
-                    )
-                }
+            .map(|(role, u): (String, UserId)| async move {
+                tokio::try_join!(
+                    self.exec(&st.member_insert, (cid, u.as_str(), &role, created_at)),
+                    self.exec(&st.marker_set, (0i64, 0i64, 0i64, cid, u.as_str())),
+                    self.exec(&st.user_conv_insert, (u.as_str(), cid)),
+                )
             })
             .buffer_unordered(LIST_CONCURRENCY)
             .try_collect::<Vec<_>>()
@@ -740,11 +735,7 @@ impl ScyllaStore {
         let st = &self.inner.st;
         let cid = i64_of(conversation.get())?;
         let mut seen = HashSet::new();
-        let users: Vec<UserId> = users
-            .iter()
-            .filter(|u| seen.insert(*u))
-            .cloned()
-            .collect();
+        let users: Vec<UserId> = users.iter().filter(|u| seen.insert(*u)).cloned().collect();
         if users.is_empty() {
             return Ok(Vec::new());
         }

@@ -84,9 +84,7 @@ impl FromStr for SerialConsistency {
         match s.to_ascii_lowercase().as_str() {
             "local_serial" => Ok(Self::LocalSerial),
             "serial" => Ok(Self::Serial),
-            _ => Err(Error::invalid(format!(
-                "unknown serial consistency {s:?}"
-            ))),
+            _ => Err(Error::invalid(format!("unknown serial consistency {s:?}"))),
         }
     }
 }
@@ -117,9 +115,9 @@ impl Replication {
     /// The CQL map literal of the `replication` keyspace option.
     pub(crate) fn cql(&self) -> String {
         match self {
-            Self::Simple { replication_factor } => format!(
-                "{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}"
-            ),
+            Self::Simple { replication_factor } => {
+                format!("{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}")
+            }
             Self::NetworkTopology(dcs) => {
                 let mut s = String::from("{'class': 'NetworkTopologyStrategy'");
                 for (dc, rf) in dcs {
@@ -330,7 +328,11 @@ impl ScyllaStoreOptions {
     }
 
     /// Sets [`credentials`](Self::credentials).
-    pub fn with_credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+    pub fn with_credentials(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
         self.credentials = Some((user.into(), password.into()));
         self
     }

@@ -129,7 +129,9 @@ pub(crate) async fn migrate(session: &Session, options: &ScyllaStoreOptions) -> 
         // Record it; a concurrent node recording the same version is fine.
         session
             .query_unpaged(
-                format!("UPDATE {ks}.schema_version SET version = ? WHERE id = 'schema' IF version < ?"),
+                format!(
+                    "UPDATE {ks}.schema_version SET version = ? WHERE id = 'schema' IF version < ?"
+                ),
                 (target, target),
             )
             .await
