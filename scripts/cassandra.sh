@@ -16,11 +16,14 @@
 #   cassandra.sh status    exit 0 when running
 #   cassandra.sh resolve   only download the jars into the cache
 #   cassandra.sh java      print the Java 11/17 binary that would be used (exit 1 if none)
+#   cassandra.sh kill      SIGKILL the node (crash tests; `CASS_KEEP_DATA=1 cassandra.sh start` restarts it)
 #
 # Environment (all optional):
 #   CASS_VERSION=5.0.9  CASS_HOME=${TMPDIR:-/tmp}/chat-sdk-cassandra  CASS_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/chat-sdk/cassandra
 #   CQL_PORT=19042  STORAGE_PORT=17000  CASS_HEAP=1G  CASS_START_TIMEOUT=180
 #   CASS_KEEP_DATA=1     keep the data dir of a previous run (default: wiped on every start)
+#   CASS_COMMITLOG_SYNC=periodic|batch   periodic (default, 10 s: fast, a crash may lose the last
+#                        seconds of acked writes) or batch (fsync before every ack: crash tests)
 #   CASS_MLOCK=1         let Cassandra mlockall() the JVM (as root that pins the whole heap in RSS)
 #   CASS_EXTRA_JVM_OPTS  extra JVM flags
 #   JAVA=<a Java 11 or 17 binary; default: found under /usr/lib/jvm, else `java` if it is 11/17>
@@ -106,8 +109,7 @@ commitlog_directory: $d/commitlog
 saved_caches_directory: $d/saved_caches
 hints_directory: $d/hints
 cdc_raw_directory: $d/cdc_raw
-commitlog_sync: periodic
-commitlog_sync_period: 10000ms
+$(if [ "${CASS_COMMITLOG_SYNC:-periodic}" = batch ]; then echo "commitlog_sync: batch"; else printf 'commitlog_sync: periodic\ncommitlog_sync_period: 10000ms'; fi)
 commitlog_segment_size: 8MiB
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
@@ -248,11 +250,21 @@ do_stop() {
   log "stopped pid $pid"
 }
 
+do_kill() {
+  local pid
+  if ! pid=$(running_pid); then log "not running"; rm -f "$PIDFILE"; return 0; fi
+  kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  rm -f "$PIDFILE"
+  log "killed pid $pid"
+}
+
 case "${1:-start}" in
   start) do_start ;;
   stop) do_stop ;;
   status) if pid=$(running_pid); then echo "running pid $pid"; else echo "not running"; exit 1; fi ;;
   resolve) resolve ;;
   java) find_java ;;
-  *) echo "usage: $0 [start|stop|status|resolve|java]" >&2; exit 2 ;;
+  kill) do_kill ;;
+  *) echo "usage: $0 [start|stop|kill|status|resolve|java]" >&2; exit 2 ;;
 esac

@@ -369,3 +369,185 @@ async fn cql_unreachable_node_is_unavailable() {
     assert!(err.is_transient());
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+// ------------------------------------------------------------------- faults
+
+/// A Cassandra node of one test, started with `scripts/cassandra.sh` on free ports with
+/// `commitlog_sync: batch` (every acked write is on disk), killed and restarted at will, and
+/// stopped (its data removed) on drop.
+struct OwnNode {
+    home: std::path::PathBuf,
+    cql_port: u16,
+    storage_port: u16,
+}
+
+impl OwnNode {
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn command(&self, action: &str, keep_data: bool) -> std::process::Command {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cassandra.sh");
+        let mut cmd = std::process::Command::new(script);
+        cmd.arg(action)
+            .env("CASS_HOME", &self.home)
+            .env("CQL_PORT", self.cql_port.to_string())
+            .env("STORAGE_PORT", self.storage_port.to_string())
+            .env("CASS_COMMITLOG_SYNC", "batch")
+            .env("CASS_KEEP_DATA", if keep_data { "1" } else { "0" });
+        cmd
+    }
+
+    async fn run(&self, action: &'static str, keep_data: bool) {
+        let mut cmd = self.command(action, keep_data);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .expect("run scripts/cassandra.sh");
+        assert!(
+            out.status.success(),
+            "cassandra.sh {action} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn start() -> Self {
+        let node = Self {
+            home: std::env::temp_dir().join(format!("chat-cql-fault-{:x}", random_u64())),
+            cql_port: Self::free_port(),
+            storage_port: Self::free_port(),
+        };
+        node.run("start", false).await;
+        node
+    }
+
+    fn uri(&self) -> String {
+        format!("127.0.0.1:{}", self.cql_port)
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let _ = self.command("stop", true).output();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// The node is SIGKILLed while a sender is appending and restarted from its data: while it is
+/// down every operation fails with a transient `Unavailable` within the operation timeout
+/// (nothing hangs, nothing else is returned); the sender retries each message with the same
+/// client_msg_id until acked; afterwards seqs are exactly 1..=N, every acked message is in
+/// history with the acked id, and no retry stored a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TOTAL: u64 = 40;
+    // Checks CHAT_TEST_SCYLLA_URI like every test here (the node of this test is its own).
+    contact_points();
+    let node = OwnNode::start().await;
+    let options = ScyllaStoreOptions::new("chat_fault")
+        .with_bucket_size(8)
+        .with_request_timeout(Duration::from_secs(1))
+        .with_operation_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(1));
+    let store = Arc::new(
+        ScyllaStore::with_options(&[node.uri()], options)
+            .await
+            .unwrap(),
+    );
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*store, 2).await;
+    let acked_count = Arc::new(AtomicU64::new(0));
+
+    let sender = {
+        let (store, fx, acked_count) = (store.clone(), fx.clone(), acked_count.clone());
+        let alice = users[0].clone();
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let mut errors = 0;
+            for i in 0..TOTAL {
+                let cmid = format!("m{i}");
+                let deadline = Instant::now() + Duration::from_secs(180);
+                loop {
+                    let new = fx.new_message(conv.id, &alice, &cmid, &cmid);
+                    match store.append(new).await {
+                        Ok(a) => {
+                            acked.insert(a.message.seq, a.message);
+                            acked_count.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(e.is_transient(), "non-transient error {e:?}");
+                            assert!(
+                                matches!(
+                                    e,
+                                    Error::Unavailable {
+                                        backend: "scylla",
+                                        ..
+                                    }
+                                ),
+                                "{e:?}"
+                            );
+                            errors += 1;
+                            assert!(Instant::now() < deadline, "{cmid} never acked");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+            (acked, errors)
+        })
+    };
+
+    while acked_count.load(Ordering::SeqCst) < 15 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.run("kill", true).await;
+    // Down: a typed, transient error within the operation timeout (plus slack).
+    let t = Instant::now();
+    let r = store.last_seq(conv.id).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Unavailable {
+                backend: "scylla",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let h = store.history(conv.id, None, 10).await;
+    assert!(matches!(h, Err(ref e) if e.is_transient()), "{h:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.run("start", true).await;
+
+    let (acked, errors) = sender.await.unwrap();
+    assert!(errors > 0, "the sender saw the outage");
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every message acked once, gap-free"
+    );
+    // Every acked message is in history as acked (the store reconnected by itself).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all = loop {
+        match store.messages_after(conv.id, 0, usize::MAX).await {
+            Ok(m) => break m,
+            Err(e) => {
+                assert!(e.is_transient() && Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(all, acked.values().cloned().collect::<Vec<_>>());
+    let keys: std::collections::HashSet<&str> =
+        all.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(keys.len() as u64, TOTAL, "no message stored twice");
+}
