@@ -34,7 +34,6 @@ elif ! scripts/cassandra.sh java >/dev/null 2>&1 || ! command -v mvn >/dev/null 
 ## Debian: apt-get install -y openjdk-17-jre-headless maven                           ##
 ########################################################################################
 EOF
-  export CHAT_TEST_SKIP_SCYLLA=1
   # The CQL tests are named cql_* or live in a `cql` module; nothing else is.
   skip_cql=(-- --skip cql_ --skip cql::)
 else

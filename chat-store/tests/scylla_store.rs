@@ -352,7 +352,9 @@ async fn cql_unreachable_node_is_unavailable() {
     let started = Instant::now();
     let r = ScyllaStore::with_options(
         &[format!("127.0.0.1:{port}")],
-        ScyllaStoreOptions::new("chat_unreachable").with_connect_timeout(Duration::from_secs(1)),
+        ScyllaStoreOptions::new("chat_unreachable")
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_startup_timeout(Duration::from_secs(10)),
     )
     .await;
     let err = r.expect_err("no node there");

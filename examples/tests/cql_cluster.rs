@@ -277,3 +277,154 @@ async fn cql_server_refuses_to_start_without_a_reachable_node() {
     assert!(stderr.contains("CHAT_SCYLLA_URI"), "{stderr}");
     assert!(stderr.contains(&format!("127.0.0.1:{dead}")), "{stderr}");
 }
+
+/// A Cassandra node of one test (`scripts/cassandra.sh` on free ports, `commitlog_sync:
+/// batch`), killed and restarted at will, stopped and removed on drop.
+struct OwnNode {
+    home: std::path::PathBuf,
+    cql_port: u16,
+    storage_port: u16,
+}
+
+impl OwnNode {
+    fn command(&self, action: &str, keep_data: bool) -> std::process::Command {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cassandra.sh");
+        let mut cmd = std::process::Command::new(script);
+        cmd.arg(action)
+            .env("CASS_HOME", &self.home)
+            .env("CQL_PORT", self.cql_port.to_string())
+            .env("STORAGE_PORT", self.storage_port.to_string())
+            .env("CASS_COMMITLOG_SYNC", "batch")
+            .env("CASS_KEEP_DATA", if keep_data { "1" } else { "0" });
+        cmd
+    }
+
+    async fn run(&self, action: &'static str, keep_data: bool) {
+        let mut cmd = self.command(action, keep_data);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .expect("run scripts/cassandra.sh");
+        assert!(
+            out.status.success(),
+            "cassandra.sh {action} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn start() -> Self {
+        let node = Self {
+            home: std::env::temp_dir().join(format!("chat-gw-cql-fault-{:x}", random_u64())),
+            cql_port: free_port(),
+            storage_port: free_port(),
+        };
+        node.run("start", false).await;
+        node
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let _ = self.command("stop", true).output();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// The raw response head (status line and headers), for headers like `Retry-After`.
+async fn http_head(port: u16, path: &str, user: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-chat-user: {user}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp).to_string();
+    text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+}
+
+/// The CQL node dies under a running server: HTTP answers 503 with `Retry-After`, a send gets
+/// an `error` frame (the socket stays open), nothing hangs. The node comes back (same data):
+/// the server recovers by itself, the acked message is in history, and the retried send with
+/// the same client_msg_id is the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_node_down_gives_503_with_retry_after_and_the_server_recovers() {
+    scylla_uri(); // like every test here, needs the CQL test setup
+    let node = OwnNode::start().await;
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .env("CHAT_BIND", format!("127.0.0.1:{port}"))
+        .env("CHAT_REDIS_URL", redis.url())
+        .env("CHAT_SCYLLA_URI", format!("127.0.0.1:{}", node.cql_port))
+        .env("CHAT_SCYLLA_KEYSPACE", "chat_gw_fault")
+        .env("CHAT_RATE_LIMIT", "0")
+        .env("RUST_LOG", "error")
+        .env_remove("CHAT_JWT_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    while !matches!(
+        try_http(port, "GET", "/healthz", None, None).await,
+        Ok((200, _))
+    ) {
+        assert!(child.try_wait().unwrap().is_none(), "server exited");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let srv = Node {
+        port,
+        _child: child,
+    };
+    let (alice, bob) = ("alice", "bob");
+    let (status, body) = srv
+        .http(
+            "POST",
+            "/api/conversations",
+            alice,
+            Some(json!({"kind": "direct", "members": [bob]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let conv = body["id"].as_str().unwrap().to_owned();
+    let mut ws = srv.ws(alice).await;
+    let first = ws.send_message(&conv, "m1", "before the outage").await;
+    let path = format!("/api/conversations/{conv}/messages");
+
+    node.run("kill", true).await;
+    let head = http_head(port, &path, bob).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    ws.send(json!({"type": "message", "conversation_id": conv, "client_msg_id": "m2", "content": "during"}))
+        .await;
+    let err = ws.recv_type("error").await;
+    assert_eq!(err["client_msg_id"], "m2", "{err}");
+
+    node.run("start", true).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let (status, page) = srv.http("GET", &path, bob, None).await;
+        if status == 200 {
+            break page;
+        }
+        assert_eq!(status, 503, "{page}");
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(page["messages"][0]["message_id"], first["message_id"]);
+    // The socket survived the outage; the retry of the failed send is stored once.
+    let ack = ws.send_message(&conv, "m2", "during").await;
+    assert_eq!(ack["seq"], 2);
+    let again = ws.send_message(&conv, "m2", "during").await;
+    assert_eq!(again["message_id"], ack["message_id"]);
+}

@@ -44,7 +44,7 @@ const CAS_ATTEMPTS: usize = 16;
 /// In-process append locks: appends to one conversation from one store are serialized, so the
 /// conditional inserts of one node never compete with each other (only with other nodes').
 /// A fixed number of shards bounds the memory whatever the number of conversations.
-const LOCK_SHARDS: usize = 256;
+const LOCK_SHARDS: usize = 1024;
 
 /// Rows per page when reading timelines and lists.
 const PAGE_SIZE: i32 = 1000;
@@ -502,8 +502,8 @@ impl ScyllaStore {
             let st = Statements::prepare(&session, &options.keyspace).await?;
             Ok::<_, Error>((session, st, bucket_size))
         };
-        // Connecting and migrating may take several requests: bound them together.
-        let bound = options.operation_timeout.max(options.connect_timeout) * 3;
+        // Connecting and migrating may take many requests: bound them together.
+        let bound = options.startup_timeout;
         let (session, st, bucket_size) =
             tokio::time::timeout(bound, connect).await.map_err(|_| {
                 Error::unavailable(

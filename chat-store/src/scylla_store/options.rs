@@ -213,6 +213,10 @@ pub struct ScyllaStoreOptions {
     pub operation_timeout: Duration,
     /// Bound on opening one connection (default 3 s).
     pub connect_timeout: Duration,
+    /// Bound on the whole start of a store: connecting, creating or migrating the schema
+    /// (creating a keyspace's tables takes seconds on Cassandra) and preparing the statements
+    /// (default 60 s).
+    pub startup_timeout: Duration,
     /// Seqs per `messages` partition when the schema is created; a store opening an existing
     /// keyspace uses the stored value (default [`DEFAULT_BUCKET_SIZE`]).
     pub bucket_size: u64,
@@ -235,6 +239,7 @@ impl fmt::Debug for ScyllaStoreOptions {
             .field("request_timeout", &self.request_timeout)
             .field("operation_timeout", &self.operation_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("startup_timeout", &self.startup_timeout)
             .field("bucket_size", &self.bucket_size)
             .field("append_attempts", &self.append_attempts)
             .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
@@ -261,6 +266,7 @@ impl ScyllaStoreOptions {
             request_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
+            startup_timeout: Duration::from_secs(60),
             bucket_size: DEFAULT_BUCKET_SIZE,
             append_attempts: 64,
             credentials: None,
@@ -312,6 +318,12 @@ impl ScyllaStoreOptions {
     /// Sets [`connect_timeout`](Self::connect_timeout).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`startup_timeout`](Self::startup_timeout).
+    pub fn with_startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
         self
     }
 
