@@ -122,11 +122,59 @@ async fn main() {
 
     let uri = std::env::var("CHAT_TEST_SCYLLA_URI").expect("CHAT_TEST_SCYLLA_URI=host:port");
     let points: Vec<String> = uri.split(',').map(str::to_owned).collect();
-    let store = ScyllaStore::with_options(
-        &points,
-        ScyllaStoreOptions::new(format!("bench_{:x}", random_u64() & 0xffff_ffff)),
-    )
-    .await
-    .unwrap();
+    let keyspace = format!("bench_{:x}", random_u64() & 0xffff_ffff);
+    let store = ScyllaStore::with_options(&points, ScyllaStoreOptions::new(keyspace.clone()))
+        .await
+        .unwrap();
     bench("scylla", Arc::new(store)).await;
+    statement_costs(&points, &keyspace).await;
+}
+
+/// One plain single-row write, one lightweight transaction and one single-row read, each
+/// sequential on its own (the building blocks of an append).
+async fn statement_costs(points: &[String], keyspace: &str) {
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(points)
+        .build()
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            format!("CREATE TABLE IF NOT EXISTS {keyspace}.bench (k bigint PRIMARY KEY, v text)"),
+            (),
+        )
+        .await
+        .unwrap();
+    let plain = session
+        .prepare(format!("INSERT INTO {keyspace}.bench (k, v) VALUES (?, ?)"))
+        .await
+        .unwrap();
+    let lwt = session
+        .prepare(format!(
+            "INSERT INTO {keyspace}.bench (k, v) VALUES (?, ?) IF NOT EXISTS"
+        ))
+        .await
+        .unwrap();
+    let read = session
+        .prepare(format!("SELECT v FROM {keyspace}.bench WHERE k = ?"))
+        .await
+        .unwrap();
+    for (what, st, base) in [
+        ("plain INSERT", &plain, 0i64),
+        ("INSERT IF NOT EXISTS (LWT)", &lwt, 1_000_000),
+        ("SELECT one row", &read, 0),
+    ] {
+        let mut lat = Vec::new();
+        let t0 = Instant::now();
+        for i in 0..1000i64 {
+            let t = Instant::now();
+            if std::ptr::eq(st, &read) {
+                session.execute_unpaged(st, (i,)).await.unwrap();
+            } else {
+                session.execute_unpaged(st, (base + i, "x")).await.unwrap();
+            }
+            lat.push(t.elapsed());
+        }
+        report("cql", what, lat, t0.elapsed());
+    }
 }

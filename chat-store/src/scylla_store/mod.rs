@@ -956,11 +956,13 @@ impl ScyllaStore {
             % LOCK_SHARDS;
         let _guard = self.inner.locks[shard].lock().await;
 
-        let row = self.existing(conv).await?;
-        let member: Option<(String, i64)> = self
-            .first(&st.member_get, (cid, new.sender_id.as_str()))
-            .await?;
-        if member.is_none() {
+        // Both reads at once: the conversation (NotFound first) and the membership.
+        let (row, member) = tokio::join!(
+            self.existing(conv),
+            self.first::<(String, i64)>(&st.member_get, (cid, new.sender_id.as_str()))
+        );
+        let row = row?;
+        if member?.is_none() {
             return Err(Error::NotMember(conv));
         }
 
