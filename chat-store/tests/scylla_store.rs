@@ -553,3 +553,138 @@ async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
         all.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(keys.len() as u64, TOTAL, "no message stored twice");
 }
+
+// ------------------------------------------------------------------- engines
+
+/// Two engines ("nodes", each with its own `ScyllaStore` session and in-process locks) on one
+/// keyspace, joined by the in-process router: two users on different nodes send concurrently
+/// into one group. Every ack is a stored message, seqs are gap-free across the nodes, each user
+/// gets the other's messages live, and a sync on either node replays the same timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_engines_on_one_keyspace_ack_only_stored_gap_free_messages() {
+    use std::collections::{BTreeMap, HashMap};
+
+    use chat_core::memory::{InProcessClient, InProcessTransport, MemoryPresence, MemoryRouterHub};
+    use chat_core::model::ConversationKind;
+    use chat_core::presence::PresenceConfig;
+    use chat_core::protocol::SendMessage;
+    use chat_core::{Chat, Command, Event, NodeId};
+
+    const PER_USER: usize = 30;
+    let hub = MemoryRouterHub::new();
+    let presence = Arc::new(MemoryPresence::new(PresenceConfig::default()));
+    let mut nodes = Vec::new();
+    let mut stores = Vec::new();
+    for i in 1..=2u16 {
+        let store = Arc::new(open().await);
+        stores.push(store.clone());
+        let chat = Chat::builder()
+            .configure(|c| {
+                c.node_id = NodeId::new(i).unwrap();
+                c.rate_limit = None;
+            })
+            .store(store)
+            .presence(presence.clone())
+            .router(Arc::new(hub.router(NodeId::new(i).unwrap())))
+            .build()
+            .await
+            .unwrap();
+        nodes.push(InProcessTransport::new(chat));
+    }
+    let fx = Fixture::new();
+    let (alice, bob) = (fx.user("alice"), fx.user("bob"));
+    let conv = nodes[0]
+        .chat()
+        .unwrap()
+        .create_conversation(&alice, ConversationKind::Group, &[bob.clone()], None)
+        .await
+        .unwrap()
+        .conversation
+        .id;
+
+    // Each user sends PER_USER messages on their node and collects acks and live messages.
+    let run = |client: InProcessClient, name: &'static str| {
+        tokio::spawn(async move {
+            let mut client = client;
+            for i in 0..PER_USER {
+                client
+                    .send(Command::Message(SendMessage {
+                        conversation_id: conv,
+                        client_msg_id: format!("{name}{i}"),
+                        content: format!("{name} {i}"),
+                        kind: Default::default(),
+                        media: None,
+                        reply_to: None,
+                    }))
+                    .await;
+            }
+            let mut acks = Vec::new();
+            let mut live = BTreeMap::new();
+            while acks.len() < PER_USER || live.len() < PER_USER {
+                match client.recv_timeout(Duration::from_secs(30)).await {
+                    Some(Event::MessageAck {
+                        seq, message_id, ..
+                    }) => acks.push((seq, message_id)),
+                    Some(Event::Message { message }) => {
+                        live.insert(message.seq, message.message_id);
+                    }
+                    Some(Event::Error { .. }) => panic!("{name}: error event"),
+                    Some(_) => {}
+                    None => panic!(
+                        "{name}: timed out ({} acks, {} live)",
+                        acks.len(),
+                        live.len()
+                    ),
+                }
+            }
+            (client, acks, live)
+        })
+    };
+    let a = run(nodes[0].connect(alice.clone()).await.unwrap(), "a");
+    let b = run(nodes[1].connect(bob.clone()).await.unwrap(), "b");
+    let (mut alice_client, a_acks, a_live) = a.await.unwrap();
+    let (_bob_client, b_acks, b_live) = b.await.unwrap();
+
+    for acks in [&a_acks, &b_acks] {
+        assert!(
+            acks.windows(2).all(|w| w[0].0 < w[1].0),
+            "one sender's seqs increase"
+        );
+    }
+    let mut acked: HashMap<u64, chat_core::MessageId> =
+        a_acks.iter().chain(&b_acks).copied().collect();
+    assert_eq!(acked.len(), 2 * PER_USER, "no seq acked twice");
+    let mut seqs: Vec<u64> = acked.keys().copied().collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=(2 * PER_USER) as u64).collect::<Vec<_>>());
+    // Each got the other's messages live, as acked to the other.
+    for (seq, id) in &a_live {
+        assert_eq!(
+            b_acks.iter().find(|(s, _)| s == seq).map(|x| x.1),
+            Some(*id)
+        );
+    }
+    assert_eq!(b_live.len(), PER_USER);
+    // The store of the other node has exactly what was acked.
+    let stored = stores[1].messages_after(conv, 0, usize::MAX).await.unwrap();
+    for m in &stored {
+        assert_eq!(acked.remove(&m.seq), Some(m.message_id));
+    }
+    assert!(acked.is_empty());
+    // Sync on node 0 replays the whole timeline in order.
+    alice_client
+        .send(Command::Sync {
+            conversations: BTreeMap::from([(conv, 0)]),
+        })
+        .await;
+    let mut replay = Vec::new();
+    loop {
+        match alice_client.recv_timeout(Duration::from_secs(30)).await {
+            Some(Event::Message { message }) => replay.push(message),
+            Some(Event::SyncDone { .. }) => break,
+            Some(_) => {}
+            None => panic!("sync timed out"),
+        }
+    }
+    assert_eq!(replay, stored);
+}
