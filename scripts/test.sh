@@ -26,7 +26,7 @@ skip_cql=()
 cass_pid=""
 if [ -n "${CHAT_TEST_SCYLLA_URI:-}" ]; then
   echo "test.sh: using the CQL node at CHAT_TEST_SCYLLA_URI=$CHAT_TEST_SCYLLA_URI"
-elif ! scripts/cassandra.sh java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+elif ! scripts/cassandra.sh java >/dev/null 2>&1 || ! command -v "${MVN:-mvn}" >/dev/null 2>&1; then
   cat >&2 <<'EOF'
 ########################################################################################
 ## test.sh: SKIPPING the ScyllaStore tests (chat-store/tests/scylla_store.rs and the  ##

@@ -688,3 +688,58 @@ async fn cql_two_engines_on_one_keyspace_ack_only_stored_gap_free_messages() {
     }
     assert_eq!(replay, stored);
 }
+
+/// A keyspace the store creates gets the configured replication (NetworkTopologyStrategy
+/// here, on the node's datacenter), and no tablets option on Cassandra (detected as not
+/// ScyllaDB); forcing the ScyllaDB option on Cassandra is rejected by the node, which shows
+/// the option really is sent, as a typed non-transient error.
+#[tokio::test]
+async fn cql_keyspace_replication_and_tablets_option() {
+    use chat_store::{Replication, Tablets};
+    let raw = raw_session().await;
+    let (dc,): (String,) = raw
+        .query_unpaged("SELECT data_center FROM system.local", ())
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    let ks = format!("chat_repl_{:x}", random_u64() & 0xffff_ffff);
+    let store = ScyllaStore::with_options(
+        &contact_points(),
+        ScyllaStoreOptions::new(ks.clone())
+            .with_replication(Replication::NetworkTopology(vec![(dc.clone(), 1)])),
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    fx.send(&store, conv.id, &users[0], "hi").await;
+    let (replication,): (std::collections::HashMap<String, String>,) = raw
+        .query_unpaged(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks.as_str(),),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert!(
+        replication["class"].ends_with("NetworkTopologyStrategy"),
+        "{replication:?}"
+    );
+    assert_eq!(replication.get(&dc).map(String::as_str), Some("1"));
+
+    let forced = ScyllaStore::with_options(
+        &contact_points(),
+        ScyllaStoreOptions::new(format!("chat_tab_{:x}", random_u64() & 0xffff_ffff))
+            .with_tablets(Tablets::Disable),
+    )
+    .await;
+    let err = forced.expect_err("Cassandra has no tablets option");
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    assert!(!err.is_transient());
+}
