@@ -190,9 +190,19 @@
 //! redoes step 4. Each window is exercised by a test that writes the rows a crashed node would
 //! leave (`tests/scylla_store.rs`).
 //!
+//! Other windows, each closed by retrying the same call: a `change_message` delete that
+//! crashed after the message row was updated but before the `deleted`/`sent` index writes
+//! leaves unread counts one too high; retrying the delete answers `Invalid` (already deleted)
+//! and writes the index rows first. A conversation whose creation crashed before its
+//! `conversations` row exists is invisible (`conversation` is `None`, lists skip it), but
+//! `conversation_ids` of its members may still name it; a direct conversation's creation is
+//! finished by the next `create_conversation` of the pair.
+//!
 //! **Markers** are written `USING TIMESTAMP <marker seq>` (max-wins: a marker never moves back,
 //! even under concurrent receipts from two nodes, without LWT); a member added later gets both
 //! markers at the current last seq, which wins over the markers of an earlier membership.
+//! `MarkerUpdate::moved` is computed from a read before the write, so two nodes moving the
+//! same marker at once may both report a move (a duplicate receipt; the stored marker is right).
 //! **Unread** = `last_seq − read − (own undeleted messages after read) − (deleted messages after
 //! read)`: two `COUNT`s over the small `sent` and `deleted` partitions, never a timeline scan.
 //! **Conversation list**: the user's `user_conversations` partition plus one single-row read
