@@ -8,7 +8,7 @@
 //! | backend | type | feature | status |
 //! |---|---|---|---|
 //! | Redis (standalone or primary/replica, not Redis Cluster; tested with Redis 7.0) | [`RedisStore`] | `redis` | available |
-//! | ScyllaDB / Cassandra | `ScyllaStore` | `scylla` | planned |
+//! | ScyllaDB / Apache Cassandra (CQL; tested on Cassandra 5.0.9) | [`ScyllaStore`] | `scylla` | available |
 //!
 //! ## Feature flags
 //!
@@ -18,10 +18,12 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `redis` | **yes** | [`RedisStore`] and [`RedisOptions`], on the `redis` crate (tokio, scripts, connection manager) through `chat-redis`, the Redis connection layer shared with `chat-presence` |
-//! | `scylla` | no | `ScyllaStore` (planned) |
+//! | `scylla` | **yes** | [`ScyllaStore`], [`ScyllaStoreOptions`] and its setting types, on the `scylla` crate (no default features) |
 //!
-//! `redis` is a default feature so that `cargo test --workspace` builds and runs the Redis tests;
-//! a host that only wants ScyllaDB turns default features off.
+//! Both are default features so that `cargo test --workspace` builds and runs both backends'
+//! tests (and the workspace's clippy covers them); a host that wants only one turns default
+//! features off and enables it, e.g.
+//! `chat-store = { version = "0.1", default-features = false, features = ["scylla"] }`.
 //!
 //! ## Example
 //!
@@ -34,6 +36,24 @@
 //!
 //! // Every key starts with "chat:"; two deployments on one Redis use two prefixes.
 //! let store = RedisStore::connect("redis://127.0.0.1:6379/", "chat").await?;
+//! let chat = Chat::builder().store(Arc::new(store)).build().await?;
+//! # let _ = chat;
+//! # Ok(()) }
+//! ```
+//!
+//! ```no_run
+//! # #[cfg(feature = "scylla")]
+//! # async fn demo() -> Result<(), chat_core::Error> {
+//! use std::sync::Arc;
+//! use chat_core::Chat;
+//! use chat_store::{Replication, ScyllaStore, ScyllaStoreOptions};
+//!
+//! // Keyspace `chat` (created with its tables if missing), 3 replicas in datacenter dc1.
+//! let options = ScyllaStoreOptions::new("chat")
+//!     .with_replication(Replication::NetworkTopology(vec![("dc1".into(), 3)]))
+//!     .with_local_datacenter("dc1");
+//! let nodes = ["10.0.0.1:9042".to_owned(), "10.0.0.2:9042".to_owned()];
+//! let store = ScyllaStore::connect_with(&nodes, options).await?;
 //! let chat = Chat::builder().store(Arc::new(store)).build().await?;
 //! # let _ = chat;
 //! # Ok(()) }
@@ -116,6 +136,112 @@
 //! (the reply was lost): retrying it with the same `client_msg_id` is safe, which is what
 //! idempotent sends are for.
 
+//!
+//! ## ScyllaDB / Cassandra: tables
+//!
+//! Every table is in the keyspace of [`ScyllaStoreOptions::keyspace`]; ids are `bigint`
+//! Snowflakes, users `text`, seqs `bigint`. The schema is created at start (`CREATE … IF NOT
+//! EXISTS`) and versioned in `schema_version` (row `'schema'`: `version` = [`SCHEMA_VERSION`],
+//! `bucket_size`); a store refuses a keyspace of a newer version.
+//!
+//! | table | primary key | content |
+//! |---|---|---|
+//! | `messages` | `((conversation_id, bucket), seq)`, `seq DESC` | the timeline: every field of a message; written by `INSERT … IF NOT EXISTS`, edits and deletes by `UPDATE … IF version = ?` |
+//! | `idempotency` | `((conversation_id, sender_id, client_msg_id))` | the claim of a send: `message_id`, the `seq` it is written at, and its content |
+//! | `message_ids` | `((conversation_id, message_id))` | → `seq` (lookups by id) |
+//! | `conversations` | `(id)` | kind, name, created_at, direct pair; `last_seq`, `last_activity` |
+//! | `members` | `(conversation_id, user_id)` | role, joined_at |
+//! | `markers` | `(conversation_id, user_id)` | `read_seq`, `delivered_seq` |
+//! | `user_conversations` | `(user_id, conversation_id)` | the user's conversations |
+//! | `direct_pairs` | `(pair_key)` | the direct conversation of a pair (`chat_core::model::direct_key`), claimed by LWT |
+//! | `sent` | `((conversation_id, sender_id), seq)` | seqs of the sender's undeleted messages (unread counts) |
+//! | `deleted` | `(conversation_id, seq)` | seqs of deleted messages (unread counts) |
+//!
+//! **Buckets.** `bucket = (seq - 1) / bucket_size`, [`DEFAULT_BUCKET_SIZE`] = 512 seqs per
+//! partition, so the partition of any seq is computable without a lookup, and a partition holds
+//! at most 512 messages: about 32 MiB at the 64 KiB content limit, ~0.25 MiB for typical
+//! 500-byte messages, well under the 100 MB where large partitions start to hurt. `history` and
+//! `messages_after` walk from bucket to bucket (a page may read several partitions). The size is
+//! fixed per keyspace at creation (stored in `schema_version`).
+//!
+//! **Append** (the only multi-step write), per message, in-process serialized per conversation
+//! (1,024 lock shards) so one node's appends never compete with each other:
+//!
+//! 1. Read the conversation row (`NotFound`) and the member row (`NotMember`).
+//! 2. *Claim*: `INSERT INTO idempotency … IF NOT EXISTS` with this attempt's message id, content
+//!    and `seq = last_seq + 1` (`last_seq` from the conversation row, never above the truth).
+//!    Not applied → a previous attempt (another node, a crashed one) owns the key: continue
+//!    with *its* claim and answer `duplicate = true`.
+//! 3. `INSERT INTO messages … IF NOT EXISTS` of the claimed message at the claim's seq. Taken by
+//!    another message → find the real last seq, move the claim with `UPDATE idempotency SET seq
+//!    = last + 1 … IF seq = <old>` and try again ([`ScyllaStoreOptions::append_attempts`], then
+//!    `Error::Conflict`).
+//! 4. The writes that follow, all idempotent: `message_ids`, `sent`, and `conversations.last_seq
+//!    / last_activity` written `USING TIMESTAMP <seq>` so the highest seq wins whatever order
+//!    writes arrive in (max-wins without a read).
+//!
+//! Why it is gap-free: a message row is only ever written at `last + 1` or below it (a taken
+//! seq is refused by the conditional insert), so no seq is allocated without its row being
+//! written in the same statement; there is no counter to leave behind. Why it is idempotent
+//! across nodes and crashes: the message of a claim is only written at the claim's current seq,
+//! and a claim only moves away from a seq that holds another message, so a claim's message is
+//! stored at most once; a retry that finds a claim whose row is missing (the node crashed
+//! between steps 2 and 3) writes the claimed message itself, at the claimed seq. The window: a
+//! crash between 3 and 4 leaves the message in history and sync but not yet findable by id and
+//! not yet in the conversation's `last_seq` (`last_seq()` reads past it: it probes the
+//! partitions); since the sender never got the ack it retries, and the retry finds the row and
+//! redoes step 4. Each window is exercised by a test that writes the rows a crashed node would
+//! leave (`tests/scylla_store.rs`).
+//!
+//! Other windows, each closed by retrying the same call: a `change_message` delete that
+//! crashed after the message row was updated but before the `deleted`/`sent` index writes
+//! leaves unread counts one too high; retrying the delete answers `Invalid` (already deleted)
+//! and writes the index rows first. A conversation whose creation crashed before its
+//! `conversations` row exists is invisible (`conversation` is `None`, lists skip it), but
+//! `conversation_ids` of its members may still name it; a direct conversation's creation is
+//! finished by the next `create_conversation` of the pair.
+//!
+//! **Markers** are written `USING TIMESTAMP <marker seq>` (max-wins: a marker never moves back,
+//! even under concurrent receipts from two nodes, without LWT); a member added later gets both
+//! markers at the current last seq, which wins over the markers of an earlier membership.
+//! `MarkerUpdate::moved` is computed from a read before the write, so two nodes moving the
+//! same marker at once may both report a move (a duplicate receipt; the stored marker is right).
+//! **Unread** = `last_seq − read − (own undeleted messages after read) − (deleted messages after
+//! read)`: two `COUNT`s over the small `sent` and `deleted` partitions, never a timeline scan.
+//! **Conversation list**: the user's `user_conversations` partition plus one single-row read
+//! per conversation (its `last_activity`), sorted in memory; so a message costs the same
+//! writes in a 500-member group as in a direct chat (one conversation row, no per-member
+//! write), and a list page costs one read per conversation of the user plus a view per item.
+//!
+//! Costs of `append` (no contention): 2 LWTs (claim, message row) + 2 single-row reads + 3 plain
+//! writes. Reads are at [`ScyllaStoreOptions::consistency`] (`LOCAL_QUORUM`), LWTs at
+//! [`ScyllaStoreOptions::serial_consistency`] (`LOCAL_SERIAL`); every statement is prepared, the
+//! driver routes token-aware, timelines are read with paging.
+//!
+//! ## ScyllaDB / Cassandra: availability and errors
+//!
+//! While the cluster is unreachable every operation fails within
+//! [`ScyllaStoreOptions::operation_timeout`] with `Error::Unavailable { backend: "scylla", .. }`
+//! (transient; the gateway answers 503 with `Retry-After`); a rejected statement is
+//! `Error::Internal`. A failed `append` may or may not have been stored: retrying with the same
+//! `client_msg_id` returns the original. The driver reconnects by itself. Durability is the
+//! cluster's: with replication factor 3 and `LOCAL_QUORUM`, an acked message is on two replicas'
+//! commit logs (`commitlog_sync: periodic` fsyncs every 10 s by default; ScyllaDB writes LWT
+//! mutations with a synchronous commit log).
+//!
+//! ## ScyllaDB vs Cassandra: what was verified where
+//!
+//! Verified on Apache Cassandra 5.0.9 (single node, the tests of this crate and of the examples):
+//! the schema, LWT (`IF NOT EXISTS`, `IF col = ?`, `IF EXISTS`), `USING TIMESTAMP`, paging, the
+//! whole conformance suite, two stores racing on one conversation, the crash windows, a node
+//! killed and restarted mid-traffic. **Not run on ScyllaDB** (no ScyllaDB binary could be
+//! installed where this was built); from ScyllaDB's documentation: LWT is not supported in
+//! keyspaces with tablets, which recent ScyllaDB versions enable by default, so on ScyllaDB the
+//! keyspace is created with `tablets = {'enabled': false}` (see [`Tablets`]; ScyllaDB is
+//! detected by its `system.scylla_local` table); ScyllaDB returns the old row on every
+//! conditional statement (Cassandra only when not applied), which the store handles by reading
+//! LWT results by column name. An existing keyspace is never altered.
+
 #[cfg(feature = "redis")]
 mod redis_store;
 
@@ -123,3 +249,12 @@ mod redis_store;
 pub use chat_redis::RedisOptions;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
+
+#[cfg(feature = "scylla")]
+mod scylla_store;
+
+#[cfg(feature = "scylla")]
+pub use scylla_store::{
+    Consistency, DEFAULT_BUCKET_SIZE, Replication, SCHEMA_VERSION, ScyllaStore, ScyllaStoreOptions,
+    SerialConsistency, Tablets,
+};

@@ -4,102 +4,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
-use chat_testkit::ws::{Frame, WsClient as Ws};
-use chat_testkit::{RedisServer, free_port};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+mod common;
 
-const WAIT: Duration = Duration::from_secs(15);
+use chat_testkit::RedisServer;
+use common::{Frame, Node, WAIT};
+use serde_json::json;
 
-struct Node {
-    port: u16,
-    child: Child,
-}
-
-impl Node {
-    async fn start(redis: &RedisServer, id: u16, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-server"));
-        cmd.env("CHAT_BIND", format!("127.0.0.1:{port}"))
-            .env("CHAT_REDIS_URL", redis.url())
-            .env("CHAT_NODE_ID", id.to_string())
-            .env("CHAT_RATE_LIMIT", "0")
-            .env("RUST_LOG", "warn")
-            .env_remove("CHAT_JWT_SECRET")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn chat-server");
-        let node = Self { port, child };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok((200, _)) = node.try_http("GET", "/healthz", None, None).await {
-                return node;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {id} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-    }
-
-    async fn try_http(
-        &self,
-        method: &str,
-        path: &str,
-        user: Option<&str>,
-        body: Option<Value>,
-    ) -> std::io::Result<(u16, Value)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let user = user
-            .map(|u| format!("x-chat-user: {u}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{user}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await?;
-        let text = String::from_utf8_lossy(&resp);
-        let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let json = text
-            .split("\r\n\r\n")
-            .nth(1)
-            .and_then(|b| serde_json::from_str(b).ok())
-            .unwrap_or(Value::Null);
-        Ok((status, json))
-    }
-
-    async fn http(
-        &self,
-        method: &str,
-        path: &str,
-        user: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        self.try_http(method, path, Some(user), body).await.unwrap()
-    }
-
-    /// Connects like a real client: retries with backoff while the node answers 5xx
-    /// (e.g. 503 while Redis is down).
-    async fn ws(&self, user: &str) -> Ws {
-        Ws::connect_retrying(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port)).await
-    }
+/// A `chat-server` process on the shared Redis.
+async fn start_node(redis: &RedisServer, id: u16, extra: &[(&str, &str)]) -> Node {
+    let mut env = vec![
+        ("CHAT_REDIS_URL", redis.url()),
+        ("CHAT_NODE_ID", id.to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    Node::spawn(&env, WAIT).await
 }
 
 async fn conversation(node: &Node, creator: &str, kind: &str, members: &[&str]) -> String {
@@ -122,8 +42,8 @@ async fn two_processes_serve_the_whole_contract_across_nodes() {
         ("CHAT_PRESENCE_TTL_MS", "3000"),
         ("CHAT_OFFLINE_DEBOUNCE_MS", "500"),
     ];
-    let a = Node::start(&redis, 1, &timing).await;
-    let b = Node::start(&redis, 2, &timing).await;
+    let a = start_node(&redis, 1, &timing).await;
+    let b = start_node(&redis, 2, &timing).await;
     // Created on node A, used on node B: the store is shared.
     let conv = conversation(&a, "alice", "direct", &["bob"]).await;
     let mut alice = a.ws("alice").await;
@@ -208,9 +128,9 @@ async fn a_500_member_group_across_three_nodes_gets_every_message_once_in_order(
     const MESSAGES: u64 = 10;
     let redis = RedisServer::start().await;
     let nodes = [
-        Node::start(&redis, 1, &[]).await,
-        Node::start(&redis, 2, &[]).await,
-        Node::start(&redis, 3, &[]).await,
+        start_node(&redis, 1, &[]).await,
+        start_node(&redis, 2, &[]).await,
+        start_node(&redis, 3, &[]).await,
     ];
     let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -257,8 +177,8 @@ async fn redis_restarted_mid_traffic_loses_no_acked_message() {
     // Durable before ack: Redis fsyncs every write before answering.
     let mut redis =
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
-    let a = Node::start(&redis, 1, &[]).await;
-    let b = Node::start(&redis, 2, &[]).await;
+    let a = start_node(&redis, 1, &[]).await;
+    let b = start_node(&redis, 2, &[]).await;
     let conv = conversation(&a, "alice", "direct", &["bob"]).await;
     let mut alice = a.ws("alice").await;
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
@@ -398,8 +318,8 @@ async fn a_killed_gateway_loses_nothing_and_its_users_go_offline() {
         ("CHAT_PRESENCE_TTL_MS", "1500"),
         ("CHAT_OFFLINE_DEBOUNCE_MS", "500"),
     ];
-    let a = Node::start(&redis, 1, &timing).await;
-    let mut b = Node::start(&redis, 2, &timing).await;
+    let a = start_node(&redis, 1, &timing).await;
+    let mut b = start_node(&redis, 2, &timing).await;
     let conv = conversation(&a, "alice", "group", &["bob", "carol"]).await;
     let mut alice = a.ws("alice").await;
     alice

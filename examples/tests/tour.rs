@@ -4,31 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Stdio;
-use std::time::Duration;
 
-use chat_testkit::free_port;
+mod common;
+
+use common::{Node, WAIT};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-
-const WAIT: Duration = Duration::from_secs(15);
-
-/// `POST /api/conversations?user=alice` over a plain socket; the created conversation's id.
-async fn create_direct(port: u16) -> Option<String> {
-    let body = r#"{"kind":"direct","members":["bob"]}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let req = format!(
-        "POST /api/conversations?user=alice HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.ok()?;
-    let json: Value = serde_json::from_str(resp.split("\r\n\r\n").nth(1)?).ok()?;
-    json["id"].as_str().map(str::to_owned)
-}
 
 fn cli(url: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_chat-cli"))
@@ -72,27 +54,18 @@ async fn next_json(
 
 #[tokio::test]
 async fn the_tour_works_with_the_shipped_terminal_client() {
-    let port = free_port();
-    let _server = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .env("CHAT_BIND", format!("127.0.0.1:{port}"))
-        .env_remove("CHAT_JWT_SECRET")
-        .env_remove("CHAT_REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn chat-server");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let conv = loop {
-        if let Some(id) = create_direct(port).await {
-            break id;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let server = Node::spawn(&[], WAIT).await;
+    let (status, body) = server
+        .http(
+            "POST",
+            "/api/conversations",
+            "alice",
+            Some(serde_json::json!({"kind": "direct", "members": ["bob"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let conv = body["id"].as_str().unwrap().to_owned();
+    let port = server.port;
 
     let mut bob = cli(&format!("ws://127.0.0.1:{port}/ws?user=bob"));
     let _bob_err = wait_stderr(&mut bob, "connected").await;

@@ -34,15 +34,36 @@ struct Args {
     /// HS256 secret for JWTs (`sub` = user id). Unset: dev mode, `?user=<id>` without a token.
     #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
-    /// Redis URL for presence, router and store (several processes form one cluster).
+    /// Redis URL for presence, router and (unless CHAT_SCYLLA_URI is set) the store; several
+    /// processes form one cluster.
     #[arg(long, env = "CHAT_REDIS_URL")]
     redis_url: Option<String>,
     /// Key and channel prefix in Redis (every node of one cluster uses the same).
     #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
     redis_prefix: String,
-    /// ScyllaDB contact point for the message store.
+    /// Message store in ScyllaDB / Cassandra: comma-separated `host:port` contact points.
     #[arg(long, env = "CHAT_SCYLLA_URI")]
     scylla_uri: Option<String>,
+    /// Keyspace of the CQL store (created with its tables if missing).
+    #[arg(long, env = "CHAT_SCYLLA_KEYSPACE", default_value = "chat")]
+    scylla_keyspace: String,
+    /// Replication of a keyspace the server creates: `simple:<rf>` or `<dc>:<rf>,<dc>:<rf>`
+    /// (NetworkTopologyStrategy). An existing keyspace is not altered.
+    #[arg(long, env = "CHAT_SCYLLA_REPLICATION", default_value = "simple:1")]
+    scylla_replication: String,
+    /// Consistency of the CQL store's reads and writes (e.g. `local_quorum`, `quorum`).
+    #[arg(long, env = "CHAT_SCYLLA_CONSISTENCY", default_value = "local_quorum")]
+    scylla_consistency: String,
+    /// Serial consistency of its lightweight transactions: `local_serial` or `serial`.
+    #[arg(
+        long,
+        env = "CHAT_SCYLLA_SERIAL_CONSISTENCY",
+        default_value = "local_serial"
+    )]
+    scylla_serial_consistency: String,
+    /// Local datacenter of this process (requests go to its replicas first).
+    #[arg(long, env = "CHAT_SCYLLA_LOCAL_DC")]
+    scylla_local_dc: Option<String>,
     /// Snowflake node id (0-1023), unique per process in a cluster.
     #[arg(long, env = "CHAT_NODE_ID", default_value_t = 0)]
     node_id: u16,
@@ -76,9 +97,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.scylla_uri.is_some() {
-        bail!("CHAT_SCYLLA_URI: the ScyllaDB store is not part of this build yet; unset it");
-    }
     let node_id = NodeId::new(args.node_id).context("CHAT_NODE_ID")?;
     let rate_limit = match (
         NonZeroU32::new(args.rate_limit),
@@ -97,12 +115,21 @@ async fn main() -> anyhow::Result<()> {
         c.max_message_bytes = args.max_message_bytes;
         c.presence = presence_config;
     });
+    let scylla = match &args.scylla_uri {
+        Some(uri) => Some(Arc::new(scylla_store(&args, uri).await?)),
+        None => None,
+    };
     let backends = match &args.redis_url {
         Some(url) => {
             let prefix = &args.redis_prefix;
-            let store = chat_store::RedisStore::connect(url, prefix)
-                .await
-                .context("connecting the Redis store")?;
+            let store: chat_core::store::DynMessageStore = match &scylla {
+                Some(s) => s.clone(),
+                None => Arc::new(
+                    chat_store::RedisStore::connect(url, prefix)
+                        .await
+                        .context("connecting the Redis store")?,
+                ),
+            };
             let presence =
                 chat_presence::RedisPresence::connect(url, prefix, node_id, presence_config)
                     .await
@@ -111,12 +138,22 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("connecting the Redis router")?;
             builder = builder
-                .store(Arc::new(store))
+                .store(store)
                 .presence(Arc::new(presence))
                 .router(Arc::new(router));
-            "Redis store, presence and router (cluster mode)"
+            if scylla.is_some() {
+                "CQL store, Redis presence and router (cluster mode)"
+            } else {
+                "Redis store, presence and router (cluster mode)"
+            }
         }
-        None => "in-memory parts: data is lost on restart",
+        None => match &scylla {
+            Some(s) => {
+                builder = builder.store(s.clone());
+                "CQL store, in-memory presence and router (single node: set CHAT_REDIS_URL for a cluster)"
+            }
+            None => "in-memory parts: data is lost on restart",
+        },
     };
     let chat = builder.build().await?;
     let auth: Arc<dyn Authenticator> = match &args.jwt_secret {
@@ -145,6 +182,42 @@ async fn main() -> anyhow::Result<()> {
     gateway.serve(listener).await?;
     info!("bye");
     Ok(())
+}
+
+/// Opens the CQL message store from the `CHAT_SCYLLA_*` settings; a clear error when no
+/// contact point answers.
+async fn scylla_store(args: &Args, uri: &str) -> anyhow::Result<chat_store::ScyllaStore> {
+    let points: Vec<String> = uri
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if points.is_empty() {
+        bail!("CHAT_SCYLLA_URI: expected host:port[,host:port…], got {uri:?}");
+    }
+    let mut options = chat_store::ScyllaStoreOptions::new(args.scylla_keyspace.clone())
+        .with_replication(
+            args.scylla_replication
+                .parse()
+                .context("CHAT_SCYLLA_REPLICATION")?,
+        )
+        .with_consistency(
+            args.scylla_consistency
+                .parse()
+                .context("CHAT_SCYLLA_CONSISTENCY")?,
+        )
+        .with_serial_consistency(
+            args.scylla_serial_consistency
+                .parse()
+                .context("CHAT_SCYLLA_SERIAL_CONSISTENCY")?,
+        );
+    if let Some(dc) = &args.scylla_local_dc {
+        options = options.with_local_datacenter(dc.clone());
+    }
+    chat_store::ScyllaStore::connect_with(&points, options)
+        .await
+        .with_context(|| format!("opening the CQL message store at {uri} (CHAT_SCYLLA_URI)"))
 }
 
 /// Binds with a deep accept backlog: after a node restart every client reconnects at once, and

@@ -1,0 +1,1550 @@
+//! [`ScyllaStore`]: a [`MessageStore`] on ScyllaDB or Apache Cassandra (CQL). The schema, the
+//! append protocol and the guarantees are in the crate docs.
+
+mod options;
+mod schema;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chat_core::id::{ConversationId, MessageId, UserId};
+use chat_core::model::{
+    Conversation, ConversationKind, ConversationView, Media, Member, Message, MessageChange,
+    NewConversation, NewMessage, Page, ReceiptKind, Role, direct_key,
+};
+use chat_core::store::{Appended, MarkerUpdate, MessageStore};
+use chat_core::{Error, Result};
+use futures::{StreamExt, TryStreamExt};
+use scylla::DeserializeRow;
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{ExecutionError, PagerExecutionError, RequestAttemptError};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, Row};
+
+pub use self::options::{
+    Consistency, DEFAULT_BUCKET_SIZE, Replication, ScyllaStoreOptions, SerialConsistency, Tablets,
+};
+pub use self::schema::SCHEMA_VERSION;
+
+/// The `backend` of every [`Error::Unavailable`] this store returns.
+const BACKEND: &str = "scylla";
+
+/// Compare-and-set attempts of `change_message` before [`Error::Conflict`].
+const CAS_ATTEMPTS: usize = 16;
+
+/// In-process append locks: appends to one conversation from one store are serialized, so the
+/// conditional inserts of one node never compete with each other (only with other nodes').
+/// A fixed number of shards bounds the memory whatever the number of conversations.
+const LOCK_SHARDS: usize = 1024;
+
+/// Rows per page when reading timelines and lists.
+const PAGE_SIZE: i32 = 1000;
+
+/// Concurrent requests of one `list_conversations` call.
+const LIST_CONCURRENCY: usize = 16;
+
+fn internal(e: impl fmt::Display) -> Error {
+    Error::internal(format!("{BACKEND}: {e}"))
+}
+
+/// Maps a driver error: the cluster unreachable, overloaded or timing out is
+/// [`Error::Unavailable`] (transient); a rejected statement is [`Error::Internal`] (a bug).
+fn db_err(e: ExecutionError) -> Error {
+    use scylla::errors::DbError;
+    match &e {
+        ExecutionError::BadQuery(_) => internal(e),
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::SyntaxError
+            | DbError::Invalid
+            | DbError::AlreadyExists { .. }
+            | DbError::FunctionFailure { .. }
+            | DbError::ConfigError
+            | DbError::ProtocolError,
+            _,
+        )) => internal(e),
+        _ => Error::unavailable(BACKEND, e),
+    }
+}
+
+fn pager_err(e: PagerExecutionError) -> Error {
+    match e {
+        PagerExecutionError::NextPageError(_) | PagerExecutionError::PrepareError(_) => {
+            Error::unavailable(BACKEND, e)
+        }
+        other => internal(other),
+    }
+}
+
+fn i64_of(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{v} is out of range for the store")))
+}
+
+fn u64_of(v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| internal(format!("negative value {v} in the store")))
+}
+
+/// `"text"` for [`MessageKind::Text`] etc.: the serde names of the enums.
+fn enum_name<T: serde::Serialize>(v: &T) -> Result<String> {
+    match serde_json::to_value(v).map_err(internal)? {
+        serde_json::Value::String(s) => Ok(s),
+        other => Err(internal(format!("unexpected enum encoding {other}"))),
+    }
+}
+
+fn enum_parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(internal)
+}
+
+fn media_json(m: &Option<Media>) -> Result<Option<String>> {
+    m.as_ref()
+        .map(|m| serde_json::to_string(m).map_err(internal))
+        .transpose()
+}
+
+fn media_parse(s: Option<&str>) -> Result<Option<Media>> {
+    s.map(|s| serde_json::from_str(s).map_err(internal))
+        .transpose()
+}
+
+/// A row of `messages`.
+#[derive(DeserializeRow)]
+struct MessageRow {
+    seq: i64,
+    message_id: i64,
+    sender_id: String,
+    client_msg_id: String,
+    kind: String,
+    content: Option<String>,
+    media: Option<String>,
+    reply_to: Option<i64>,
+    created_at: i64,
+    edited_at: Option<i64>,
+    deleted: Option<bool>,
+    version: i64,
+}
+
+impl MessageRow {
+    fn into_message(self, conversation: ConversationId) -> Result<Message> {
+        Ok(Message {
+            message_id: MessageId::from_raw(u64_of(self.message_id)?),
+            conversation_id: conversation,
+            seq: u64_of(self.seq)?,
+            sender_id: UserId::from(self.sender_id),
+            kind: enum_parse(&self.kind)?,
+            content: self.content.unwrap_or_default(),
+            media: media_parse(self.media.as_deref())?,
+            reply_to: self
+                .reply_to
+                .map(|r| u64_of(r).map(MessageId::from_raw))
+                .transpose()?,
+            client_msg_id: self.client_msg_id,
+            created_at: u64_of(self.created_at)?,
+            edited_at: self.edited_at.map(u64_of).transpose()?,
+            deleted: self.deleted.unwrap_or(false),
+            version: u32::try_from(self.version).map_err(internal)?,
+        })
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "seq, message_id, sender_id, client_msg_id, kind, content, media, \
+                               reply_to, created_at, edited_at, deleted, version";
+
+/// The columns of a lightweight transaction's result, by name (`[applied]` and, when not
+/// applied, the current values; ScyllaDB and Cassandra differ in which columns they return).
+struct Lwt {
+    applied: bool,
+    columns: HashMap<String, CqlValue>,
+}
+
+impl Lwt {
+    fn parse(result: QueryResult) -> Result<Self> {
+        let rows = result.into_rows_result().map_err(internal)?;
+        let names: Vec<String> = rows
+            .column_specs()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect();
+        let row = rows
+            .maybe_first_row::<Row>()
+            .map_err(internal)?
+            .ok_or_else(|| internal("conditional statement returned no row"))?;
+        let mut columns = HashMap::new();
+        for (name, value) in names.into_iter().zip(row.columns) {
+            if let Some(v) = value {
+                columns.insert(name, v);
+            }
+        }
+        let applied = matches!(columns.get("[applied]"), Some(CqlValue::Boolean(true)));
+        Ok(Self { applied, columns })
+    }
+
+    fn i64(&self, name: &str) -> Option<i64> {
+        match self.columns.get(name) {
+            Some(CqlValue::BigInt(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        match self.columns.get(name) {
+            Some(CqlValue::Text(s) | CqlValue::Ascii(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Every prepared statement of the store.
+struct Statements {
+    conv_get: PreparedStatement,
+    conv_insert: PreparedStatement,
+    conv_state: PreparedStatement,
+    members_get: PreparedStatement,
+    member_get: PreparedStatement,
+    member_insert: PreparedStatement,
+    member_insert_lwt: PreparedStatement,
+    member_delete_lwt: PreparedStatement,
+    markers_get: PreparedStatement,
+    marker_get: PreparedStatement,
+    marker_set: PreparedStatement,
+    marker_set_delivered: PreparedStatement,
+    user_conv_insert: PreparedStatement,
+    user_conv_delete: PreparedStatement,
+    user_convs: PreparedStatement,
+    direct_claim: PreparedStatement,
+    msg_insert: PreparedStatement,
+    msg_get: PreparedStatement,
+    msg_max: PreparedStatement,
+    msg_desc: PreparedStatement,
+    msg_asc: PreparedStatement,
+    msg_update: PreparedStatement,
+    id_insert: PreparedStatement,
+    id_get: PreparedStatement,
+    idem_claim: PreparedStatement,
+    idem_move: PreparedStatement,
+    idem_get: PreparedStatement,
+    sent_insert: PreparedStatement,
+    sent_delete: PreparedStatement,
+    sent_count: PreparedStatement,
+    deleted_insert: PreparedStatement,
+    deleted_count: PreparedStatement,
+}
+
+impl Statements {
+    async fn prepare(session: &Session, ks: &str) -> Result<Self> {
+        let p = async |cql: String| -> Result<PreparedStatement> {
+            let mut st = session
+                .prepare(cql)
+                .await
+                .map_err(|e| db_err(ExecutionError::PrepareError(e)))?;
+            st.set_page_size(PAGE_SIZE);
+            Ok(st)
+        };
+        let idempotent = async |cql: String| -> Result<PreparedStatement> {
+            let mut st = p(cql).await?;
+            st.set_is_idempotent(true);
+            Ok(st)
+        };
+        Ok(Self {
+            conv_get: idempotent(format!(
+                "SELECT kind, name, created_at, pair_a, pair_b, last_seq, last_activity \
+                 FROM {ks}.conversations WHERE id = ?"
+            ))
+            .await?,
+            conv_insert: idempotent(format!(
+                "INSERT INTO {ks}.conversations (id, kind, name, created_at, pair_a, pair_b) \
+                 VALUES (?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            conv_state: idempotent(format!(
+                "UPDATE {ks}.conversations USING TIMESTAMP ? SET last_seq = ?, last_activity = ? \
+                 WHERE id = ?"
+            ))
+            .await?,
+            members_get: idempotent(format!(
+                "SELECT user_id, role, joined_at FROM {ks}.members WHERE conversation_id = ?"
+            ))
+            .await?,
+            member_get: idempotent(format!(
+                "SELECT role, joined_at FROM {ks}.members WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
+            member_insert: idempotent(format!(
+                "INSERT INTO {ks}.members (conversation_id, user_id, role, joined_at) \
+                 VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            member_insert_lwt: p(format!(
+                "INSERT INTO {ks}.members (conversation_id, user_id, role, joined_at) \
+                 VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            member_delete_lwt: p(format!(
+                "DELETE FROM {ks}.members WHERE conversation_id = ? AND user_id = ? IF EXISTS"
+            ))
+            .await?,
+            markers_get: idempotent(format!(
+                "SELECT user_id, read_seq, delivered_seq FROM {ks}.markers \
+                 WHERE conversation_id = ?"
+            ))
+            .await?,
+            marker_get: idempotent(format!(
+                "SELECT read_seq, delivered_seq FROM {ks}.markers \
+                 WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
+            marker_set: idempotent(format!(
+                "UPDATE {ks}.markers USING TIMESTAMP ? SET read_seq = ?, delivered_seq = ? \
+                 WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
+            marker_set_delivered: idempotent(format!(
+                "UPDATE {ks}.markers USING TIMESTAMP ? SET delivered_seq = ? \
+                 WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
+            user_conv_insert: idempotent(format!(
+                "INSERT INTO {ks}.user_conversations (user_id, conversation_id) VALUES (?, ?)"
+            ))
+            .await?,
+            user_conv_delete: idempotent(format!(
+                "DELETE FROM {ks}.user_conversations WHERE user_id = ? AND conversation_id = ?"
+            ))
+            .await?,
+            user_convs: idempotent(format!(
+                "SELECT conversation_id FROM {ks}.user_conversations WHERE user_id = ?"
+            ))
+            .await?,
+            direct_claim: p(format!(
+                "INSERT INTO {ks}.direct_pairs (pair_key, conversation_id, created_at) \
+                 VALUES (?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            msg_insert: p(format!(
+                "INSERT INTO {ks}.messages (conversation_id, bucket, seq, message_id, sender_id, \
+                 client_msg_id, kind, content, media, reply_to, created_at, deleted, version) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, false, 1) IF NOT EXISTS"
+            ))
+            .await?,
+            msg_get: idempotent(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+            ))
+            .await?,
+            msg_max: idempotent(format!(
+                "SELECT seq FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? LIMIT 1"
+            ))
+            .await?,
+            msg_desc: idempotent(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                 WHERE conversation_id = ? AND bucket = ? AND seq <= ? \
+                 ORDER BY seq DESC LIMIT ?"
+            ))
+            .await?,
+            msg_asc: idempotent(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                 WHERE conversation_id = ? AND bucket = ? AND seq >= ? \
+                 ORDER BY seq ASC LIMIT ?"
+            ))
+            .await?,
+            msg_update: p(format!(
+                "UPDATE {ks}.messages SET content = ?, media = ?, edited_at = ?, deleted = ?, \
+                 version = ? WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ?"
+            ))
+            .await?,
+            id_insert: idempotent(format!(
+                "INSERT INTO {ks}.message_ids (conversation_id, message_id, seq) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            id_get: idempotent(format!(
+                "SELECT seq FROM {ks}.message_ids WHERE conversation_id = ? AND message_id = ?"
+            ))
+            .await?,
+            idem_claim: p(format!(
+                "INSERT INTO {ks}.idempotency (conversation_id, sender_id, client_msg_id, seq, \
+                 message_id, kind, content, media, reply_to, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            idem_move: p(format!(
+                "UPDATE {ks}.idempotency SET seq = ? \
+                 WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ? IF seq = ?"
+            ))
+            .await?,
+            idem_get: idempotent(format!(
+                "SELECT seq, message_id, kind, content, media, reply_to, created_at \
+                 FROM {ks}.idempotency \
+                 WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?"
+            ))
+            .await?,
+            sent_insert: idempotent(format!(
+                "INSERT INTO {ks}.sent (conversation_id, sender_id, seq) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            sent_delete: idempotent(format!(
+                "DELETE FROM {ks}.sent WHERE conversation_id = ? AND sender_id = ? AND seq = ?"
+            ))
+            .await?,
+            sent_count: idempotent(format!(
+                "SELECT COUNT(*) FROM {ks}.sent \
+                 WHERE conversation_id = ? AND sender_id = ? AND seq > ?"
+            ))
+            .await?,
+            deleted_insert: idempotent(format!(
+                "INSERT INTO {ks}.deleted (conversation_id, seq, sender_id) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            deleted_count: idempotent(format!(
+                "SELECT COUNT(*) FROM {ks}.deleted WHERE conversation_id = ? AND seq > ?"
+            ))
+            .await?,
+        })
+    }
+}
+
+/// The conversation row.
+struct ConvRow {
+    kind: ConversationKind,
+    name: Option<String>,
+    created_at: u64,
+    pair: Option<(UserId, UserId)>,
+    last_seq: u64,
+    last_activity: u64,
+}
+
+/// What an idempotency claim says: the message it stands for and where it is being written.
+struct Claim {
+    seq: u64,
+    message: NewMessage,
+}
+
+/// A [`MessageStore`] on ScyllaDB or Apache Cassandra, shared by every node of a cluster of
+/// chat servers. See the crate docs for the schema, the append protocol and what was verified
+/// where.
+///
+/// Cloning is cheap (one shared session).
+#[derive(Clone)]
+pub struct ScyllaStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: Session,
+    st: Statements,
+    options: ScyllaStoreOptions,
+    /// Seqs per `messages` partition, as stored in the keyspace.
+    bucket_size: u64,
+    /// See [`LOCK_SHARDS`].
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for ScyllaStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaStore")
+            .field("keyspace", &self.inner.options.keyspace)
+            .field("bucket_size", &self.inner.bucket_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScyllaStore {
+    /// Connects to the cluster through the given contact points (`host:port`, at least one),
+    /// creates or migrates the schema (keyspace `chat`, see [`ScyllaStoreOptions::new`]) and
+    /// prepares every statement. [`Error::Unavailable`] when no contact point answers.
+    pub async fn connect(contact_points: &[String], keyspace: &str) -> Result<Self> {
+        Self::connect_with(contact_points, ScyllaStoreOptions::new(keyspace)).await
+    }
+
+    /// [`ScyllaStore::connect`] with options.
+    pub async fn connect_with(
+        contact_points: &[String],
+        options: ScyllaStoreOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        if contact_points.is_empty() {
+            return Err(Error::invalid("no contact points"));
+        }
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &options.local_datacenter {
+            policy = policy
+                .prefer_datacenter(dc.clone())
+                .permit_dc_failover(false);
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(options.consistency.to_driver())
+            .serial_consistency(Some(options.serial_consistency.to_driver()))
+            .request_timeout(Some(options.request_timeout))
+            .load_balancing_policy(policy.build())
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(contact_points)
+            .connection_timeout(options.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle());
+        if let Some((user, password)) = &options.credentials {
+            builder = builder.user(user, password);
+        }
+        let connect = async {
+            let session = builder.build().await.map_err(|e| {
+                Error::unavailable(
+                    BACKEND,
+                    format!("cannot connect to {}: {e}", contact_points.join(",")),
+                )
+            })?;
+            let bucket_size = schema::migrate(&session, &options).await?;
+            let st = Statements::prepare(&session, &options.keyspace).await?;
+            Ok::<_, Error>((session, st, bucket_size))
+        };
+        // Connecting and migrating may take many requests: bound them together.
+        let bound = options.startup_timeout;
+        let (session, st, bucket_size) =
+            tokio::time::timeout(bound, connect).await.map_err(|_| {
+                Error::unavailable(
+                    BACKEND,
+                    format!(
+                        "no answer from {} within {bound:?}",
+                        contact_points.join(",")
+                    ),
+                )
+            })??;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                session,
+                st,
+                options,
+                bucket_size,
+                locks: (0..LOCK_SHARDS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+            }),
+        })
+    }
+
+    /// Seqs per `messages` partition of this keyspace.
+    pub fn bucket_size(&self) -> u64 {
+        self.inner.bucket_size
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &ScyllaStoreOptions {
+        &self.inner.options
+    }
+
+    /// Runs one store operation within [`ScyllaStoreOptions::operation_timeout`].
+    async fn bounded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        let limit = self.inner.options.operation_timeout;
+        tokio::time::timeout(limit, op).await.unwrap_or_else(|_| {
+            Err(Error::unavailable(
+                BACKEND,
+                format!("operation timed out after {limit:?}"),
+            ))
+        })
+    }
+
+    fn bucket_of(&self, seq: u64) -> u64 {
+        seq.saturating_sub(1) / self.inner.bucket_size
+    }
+
+    fn bucket_end(&self, bucket: u64) -> u64 {
+        (bucket + 1).saturating_mul(self.inner.bucket_size)
+    }
+
+    async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<QueryResult> {
+        self.inner
+            .session
+            .execute_unpaged(st, values)
+            .await
+            .map_err(db_err)
+    }
+
+    /// Every row of a (paged) query.
+    async fn rows<R>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Vec<R>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
+    {
+        let pager = self
+            .inner
+            .session
+            .execute_iter(st.clone(), values)
+            .await
+            .map_err(pager_err)?;
+        let stream = pager.rows_stream::<R>().map_err(internal)?;
+        stream.try_collect().await.map_err(|e| {
+            use scylla::errors::NextRowError;
+            match e {
+                NextRowError::NextPageError(p) => Error::unavailable(BACKEND, p),
+                other => internal(other),
+            }
+        })
+    }
+
+    async fn first<R>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Option<R>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let result = self.exec(st, values).await?;
+        let rows = result.into_rows_result().map_err(internal)?;
+        rows.maybe_first_row::<R>().map_err(internal)
+    }
+
+    async fn count(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<u64> {
+        let n: Option<(i64,)> = self.first(st, values).await?;
+        u64_of(n.map_or(0, |(n,)| n))
+    }
+
+    // ------------------------------------------------------------------ conversations
+
+    async fn conv_row(&self, id: ConversationId) -> Result<Option<ConvRow>> {
+        type R = (
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let row: Option<R> = self
+            .first(&self.inner.st.conv_get, (i64_of(id.get())?,))
+            .await?;
+        let Some((Some(kind), name, created_at, pair_a, pair_b, last_seq, last_activity)) = row
+        else {
+            // No row, or only the activity cells of a conversation whose creation did not finish.
+            return Ok(None);
+        };
+        Ok(Some(ConvRow {
+            kind: enum_parse(&kind)?,
+            name,
+            created_at: u64_of(created_at.unwrap_or(0))?,
+            pair: pair_a.zip(pair_b).map(|(a, b)| (a.into(), b.into())),
+            last_seq: u64_of(last_seq.unwrap_or(0))?,
+            last_activity: match last_activity {
+                Some(a) => u64_of(a)?,
+                None => id.get(),
+            },
+        }))
+    }
+
+    async fn existing(&self, id: ConversationId) -> Result<ConvRow> {
+        self.conv_row(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("conversation {id}")))
+    }
+
+    async fn load_conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        let Some(row) = self.conv_row(id).await? else {
+            return Ok(None);
+        };
+        let cid = i64_of(id.get())?;
+        let (members, markers) = tokio::try_join!(
+            self.rows::<(String, String, i64)>(&self.inner.st.members_get, (cid,)),
+            self.rows::<(String, Option<i64>, Option<i64>)>(&self.inner.st.markers_get, (cid,)),
+        )?;
+        let markers: HashMap<String, (Option<i64>, Option<i64>)> =
+            markers.into_iter().map(|(u, r, d)| (u, (r, d))).collect();
+        let members = members
+            .into_iter()
+            .map(|(user, role, joined_at)| {
+                let (r, d) = markers.get(&user).copied().unwrap_or((None, None));
+                Ok(Member {
+                    role: enum_parse(&role)?,
+                    joined_at: u64_of(joined_at)?,
+                    last_read_seq: u64_of(r.unwrap_or(0))?,
+                    last_delivered_seq: u64_of(d.unwrap_or(0))?,
+                    user_id: UserId::from(user),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Conversation {
+            id,
+            kind: row.kind,
+            name: row.name,
+            members,
+            created_at: row.created_at,
+            last_seq: row.last_seq,
+            last_activity: row.last_activity,
+        }))
+    }
+
+    /// Writes a new conversation: members, markers and list entries first, the conversation
+    /// row last (a conversation exists once its `kind` is written, so a crash half-way leaves
+    /// nothing visible but orphan member rows). Idempotent: the same `new` written twice (a
+    /// helper finishing a crashed creation) gives the same rows.
+    async fn write_conversation(
+        &self,
+        new: &NewConversation,
+        users: &[UserId],
+        creator_role: Role,
+        pair: Option<(&UserId, &UserId)>,
+    ) -> Result<()> {
+        let st = &self.inner.st;
+        let cid = i64_of(new.id.get())?;
+        let created_at = i64_of(new.created_at)?;
+        let member_role = enum_name(&Role::Member)?;
+        let creator_role = enum_name(&creator_role)?;
+        let owned: Vec<(String, UserId)> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let role = if i == 0 { &creator_role } else { &member_role };
+                (role.clone(), u.clone())
+            })
+            .collect();
+        futures::stream::iter(owned)
+            .map(|(role, u): (String, UserId)| async move {
+                tokio::try_join!(
+                    self.exec(&st.member_insert, (cid, u.as_str(), &role, created_at)),
+                    self.exec(&st.marker_set, (0i64, 0i64, 0i64, cid, u.as_str())),
+                    self.exec(&st.user_conv_insert, (u.as_str(), cid)),
+                )
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        self.exec(&st.conv_state, (0i64, 0i64, cid, cid)).await?;
+        self.exec(
+            &st.conv_insert,
+            (
+                cid,
+                enum_name(&new.kind)?,
+                new.name.as_deref(),
+                created_at,
+                pair.map(|p| p.0.as_str()),
+                pair.map(|p| p.1.as_str()),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Adds the users that are not members (LWT per user, so concurrent adds agree on who was
+    /// new), with both markers at the current last seq. Returns the new ones, in input order.
+    async fn add_users(
+        &self,
+        conversation: ConversationId,
+        users: &[UserId],
+        now: u64,
+    ) -> Result<Vec<UserId>> {
+        let st = &self.inner.st;
+        let cid = i64_of(conversation.get())?;
+        let mut seen = HashSet::new();
+        let users: Vec<UserId> = users.iter().filter(|u| seen.insert(*u)).cloned().collect();
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last = i64_of(self.probe_last(conversation, None).await?)?;
+        let role = enum_name(&Role::Member)?;
+        let joined_at = i64_of(now)?;
+        let added = futures::stream::iter(users)
+            .map(|u: UserId| {
+                let role = role.clone();
+                async move {
+                    let lwt = Lwt::parse(
+                        self.exec(&st.member_insert_lwt, (cid, u.as_str(), &role, joined_at))
+                            .await?,
+                    )?;
+                    if !lwt.applied {
+                        return Ok::<_, Error>(None);
+                    }
+                    tokio::try_join!(
+                        self.exec(&st.marker_set, (last, last, last, cid, u.as_str())),
+                        self.exec(&st.user_conv_insert, (u.as_str(), cid)),
+                    )?;
+                    Ok(Some(u))
+                }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(added.into_iter().flatten().collect())
+    }
+
+    // ------------------------------------------------------------------ timeline
+
+    /// The seq of the newest message, from the hint in the conversation row (never above the
+    /// truth: it is written after the message) and the `messages` partitions after it.
+    async fn probe_last(&self, conversation: ConversationId, hint: Option<u64>) -> Result<u64> {
+        let hint = match hint {
+            Some(h) => h,
+            None => self.existing(conversation).await?.last_seq,
+        };
+        let cid = i64_of(conversation.get())?;
+        let mut last = hint;
+        let mut bucket = self.bucket_of(hint + 1);
+        loop {
+            let max: Option<(i64,)> = self
+                .first(&self.inner.st.msg_max, (cid, i64_of(bucket)?))
+                .await?;
+            match max {
+                Some((m,)) => {
+                    let m = u64_of(m)?;
+                    last = last.max(m);
+                    if m < self.bucket_end(bucket) {
+                        return Ok(last);
+                    }
+                    bucket += 1;
+                }
+                None => return Ok(last),
+            }
+        }
+    }
+
+    async fn message_at(&self, conversation: ConversationId, seq: u64) -> Result<Option<Message>> {
+        let row: Option<MessageRow> = self
+            .first(
+                &self.inner.st.msg_get,
+                (
+                    i64_of(conversation.get())?,
+                    i64_of(self.bucket_of(seq))?,
+                    i64_of(seq)?,
+                ),
+            )
+            .await?;
+        row.map(|r| r.into_message(conversation)).transpose()
+    }
+
+    /// `INSERT … IF NOT EXISTS` of the message at `seq`: `Ok(Ok(message))` when it is there now
+    /// (written by this call, or by a helper for the same claim), `Ok(Err(other_id))` when
+    /// another message holds the seq.
+    async fn insert_at(
+        &self,
+        new: &NewMessage,
+        seq: u64,
+    ) -> Result<std::result::Result<Message, MessageId>> {
+        let cid = i64_of(new.conversation_id.get())?;
+        let lwt = Lwt::parse(
+            self.exec(
+                &self.inner.st.msg_insert,
+                (
+                    cid,
+                    i64_of(self.bucket_of(seq))?,
+                    i64_of(seq)?,
+                    i64_of(new.message_id.get())?,
+                    new.sender_id.as_str(),
+                    new.client_msg_id.as_str(),
+                    enum_name(&new.kind)?,
+                    new.content.as_str(),
+                    media_json(&new.media)?,
+                    new.reply_to.map(|r| i64_of(r.get())).transpose()?,
+                    i64_of(new.created_at)?,
+                ),
+            )
+            .await?,
+        )?;
+        if lwt.applied {
+            return Ok(Ok(new.clone().into_message(seq)));
+        }
+        let holder = lwt
+            .i64("message_id")
+            .ok_or_else(|| internal("conditional insert returned no message_id"))?;
+        if u64_of(holder)? == new.message_id.get() {
+            // Written by a helper of the same claim: read it back as stored.
+            return match self.message_at(new.conversation_id, seq).await? {
+                Some(m) => Ok(Ok(m)),
+                None => Err(internal("message vanished after a conditional insert")),
+            };
+        }
+        Ok(Err(MessageId::from_raw(u64_of(holder)?)))
+    }
+
+    /// The claim's row as a [`NewMessage`].
+    fn claim_of(lwt: &Lwt, key: &NewMessage) -> Result<Claim> {
+        let seq = lwt
+            .i64("seq")
+            .ok_or_else(|| internal("idempotency claim without seq"))?;
+        let message_id = lwt
+            .i64("message_id")
+            .ok_or_else(|| internal("idempotency claim without message_id"))?;
+        Ok(Claim {
+            seq: u64_of(seq)?,
+            message: NewMessage {
+                message_id: MessageId::from_raw(u64_of(message_id)?),
+                conversation_id: key.conversation_id,
+                sender_id: key.sender_id.clone(),
+                client_msg_id: key.client_msg_id.clone(),
+                kind: enum_parse(lwt.text("kind").unwrap_or("text"))?,
+                content: lwt.text("content").unwrap_or_default().to_owned(),
+                media: media_parse(lwt.text("media"))?,
+                reply_to: lwt
+                    .i64("reply_to")
+                    .map(|r| u64_of(r).map(MessageId::from_raw))
+                    .transpose()?,
+                created_at: u64_of(lwt.i64("created_at").unwrap_or(0))?,
+            },
+        })
+    }
+
+    async fn read_claim(&self, key: &NewMessage) -> Result<Claim> {
+        type R = (
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let row: Option<R> = self
+            .first(
+                &self.inner.st.idem_get,
+                (
+                    i64_of(key.conversation_id.get())?,
+                    key.sender_id.as_str(),
+                    key.client_msg_id.as_str(),
+                ),
+            )
+            .await?;
+        let Some((Some(seq), Some(id), kind, content, media, reply_to, created_at)) = row else {
+            return Err(internal("idempotency claim vanished"));
+        };
+        Ok(Claim {
+            seq: u64_of(seq)?,
+            message: NewMessage {
+                message_id: MessageId::from_raw(u64_of(id)?),
+                conversation_id: key.conversation_id,
+                sender_id: key.sender_id.clone(),
+                client_msg_id: key.client_msg_id.clone(),
+                kind: enum_parse(kind.as_deref().unwrap_or("text"))?,
+                content: content.unwrap_or_default(),
+                media: media_parse(media.as_deref())?,
+                reply_to: reply_to
+                    .map(|r| u64_of(r).map(MessageId::from_raw))
+                    .transpose()?,
+                created_at: u64_of(created_at.unwrap_or(0))?,
+            },
+        })
+    }
+
+    /// The writes that follow a stored message: the id lookup, the sender's sent set and the
+    /// conversation's last seq/activity (max-wins by `USING TIMESTAMP seq`). All idempotent,
+    /// so a retry that finds the message re-applies them, which closes the window of a crash
+    /// between the conditional insert and these writes.
+    async fn after_insert(&self, m: &Message) -> Result<()> {
+        let st = &self.inner.st;
+        let cid = i64_of(m.conversation_id.get())?;
+        let seq = i64_of(m.seq)?;
+        let mid = i64_of(m.message_id.get())?;
+        let sent = async {
+            if m.deleted {
+                Ok(())
+            } else {
+                self.exec(&st.sent_insert, (cid, m.sender_id.as_str(), seq))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        tokio::try_join!(
+            self.exec(&st.id_insert, (cid, mid, seq)),
+            sent,
+            self.exec(&st.conv_state, (seq, seq, mid, cid)),
+        )?;
+        Ok(())
+    }
+
+    async fn append_inner(&self, new: NewMessage) -> Result<Appended> {
+        let st = &self.inner.st;
+        let conv = new.conversation_id;
+        let cid = i64_of(conv.get())?;
+        let shard = BuildHasherDefault::<DefaultHasher>::default().hash_one(conv.get()) as usize
+            % LOCK_SHARDS;
+        let _guard = self.inner.locks[shard].lock().await;
+
+        // Both reads at once: the conversation (NotFound first) and the membership.
+        let (row, member) = tokio::join!(
+            self.existing(conv),
+            self.first::<(String, i64)>(&st.member_get, (cid, new.sender_id.as_str()))
+        );
+        let row = row?;
+        if member?.is_none() {
+            return Err(Error::NotMember(conv));
+        }
+
+        // 1. Claim the idempotency key at the seq after the hint (never above last + 1).
+        let first_seq = row.last_seq + 1;
+        let lwt = Lwt::parse(
+            self.exec(
+                &st.idem_claim,
+                (
+                    cid,
+                    new.sender_id.as_str(),
+                    new.client_msg_id.as_str(),
+                    i64_of(first_seq)?,
+                    i64_of(new.message_id.get())?,
+                    enum_name(&new.kind)?,
+                    new.content.as_str(),
+                    media_json(&new.media)?,
+                    new.reply_to.map(|r| i64_of(r.get())).transpose()?,
+                    i64_of(new.created_at)?,
+                ),
+            )
+            .await?,
+        )?;
+        let mine = lwt.applied;
+        let mut claim = if mine {
+            Claim {
+                seq: first_seq,
+                message: new.clone(),
+            }
+        } else {
+            Self::claim_of(&lwt, &new)?
+        };
+
+        // 2. Write the claimed message at the claim's seq; when another message holds that seq,
+        //    move the claim (LWT on its seq) to last + 1 and try again. The message of a claim
+        //    is only ever written at the claim's current seq, and a claim only moves away from
+        //    a seq held by another message, so it ends up stored exactly once.
+        let mut try_insert = mine;
+        for _ in 0..self.inner.options.append_attempts {
+            let outcome = if try_insert {
+                self.insert_at(&claim.message, claim.seq).await?
+            } else {
+                match self.message_at(conv, claim.seq).await? {
+                    Some(m) if m.message_id == claim.message.message_id => Ok(m),
+                    Some(m) => Err(m.message_id),
+                    None => self.insert_at(&claim.message, claim.seq).await?,
+                }
+            };
+            match outcome {
+                Ok(message) => {
+                    self.after_insert(&message).await?;
+                    return Ok(Appended {
+                        message,
+                        duplicate: !mine,
+                    });
+                }
+                Err(_other) => {
+                    let next = self.probe_last(conv, Some(claim.seq)).await? + 1;
+                    let moved = Lwt::parse(
+                        self.exec(
+                            &st.idem_move,
+                            (
+                                i64_of(next)?,
+                                cid,
+                                new.sender_id.as_str(),
+                                new.client_msg_id.as_str(),
+                                i64_of(claim.seq)?,
+                            ),
+                        )
+                        .await?,
+                    )?;
+                    if moved.applied {
+                        claim.seq = next;
+                        try_insert = true;
+                    } else {
+                        // Someone else moved it: follow.
+                        claim = self.read_claim(&new).await?;
+                        try_insert = false;
+                    }
+                }
+            }
+        }
+        Err(Error::Conflict(
+            format!(
+                "append to conversation {conv}: no free seq after {} attempts",
+                self.inner.options.append_attempts
+            )
+            .into(),
+        ))
+    }
+
+    async fn page(
+        &self,
+        conversation: ConversationId,
+        desc: bool,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let st = &self.inner.st;
+        let cid = i64_of(conversation.get())?;
+        let mut out = Vec::new();
+        let mut cursor = from;
+        loop {
+            let remaining = limit - out.len();
+            let bucket = self.bucket_of(cursor);
+            let n = i32::try_from(remaining).unwrap_or(i32::MAX);
+            let values = (cid, i64_of(bucket)?, i64_of(cursor)?, n);
+            let rows: Vec<MessageRow> = if desc {
+                self.rows(&st.msg_desc, values).await?
+            } else {
+                self.rows(&st.msg_asc, values).await?
+            };
+            let got = rows.len();
+            for r in rows {
+                out.push(r.into_message(conversation)?);
+            }
+            if out.len() >= limit || got == 0 {
+                return Ok(out);
+            }
+            if desc {
+                if bucket == 0 {
+                    return Ok(out);
+                }
+                cursor = bucket * self.inner.bucket_size;
+            } else {
+                let end = self.bucket_end(bucket);
+                if out.last().map(|m| m.seq) != Some(end) {
+                    return Ok(out);
+                }
+                cursor = end + 1;
+            }
+        }
+    }
+
+    async fn marker_row(&self, cid: i64, user: &UserId) -> Result<(u64, u64)> {
+        let row: Option<(Option<i64>, Option<i64>)> = self
+            .first(&self.inner.st.marker_get, (cid, user.as_str()))
+            .await?;
+        let (r, d) = row.unwrap_or((None, None));
+        Ok((u64_of(r.unwrap_or(0))?, u64_of(d.unwrap_or(0))?))
+    }
+
+    async fn unread_inner(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
+        let row = self.existing(conversation).await?;
+        self.unread_with(conversation, user, row.last_seq).await
+    }
+
+    async fn unread_with(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+        hint: u64,
+    ) -> Result<u64> {
+        let st = &self.inner.st;
+        let cid = i64_of(conversation.get())?;
+        let (last, (read, _)) = tokio::try_join!(
+            self.probe_last(conversation, Some(hint)),
+            self.marker_row(cid, user)
+        )?;
+        let read = read.min(last);
+        let r = i64_of(read)?;
+        let (own, deleted) = tokio::try_join!(
+            self.count(&st.sent_count, (cid, user.as_str(), r)),
+            self.count(&st.deleted_count, (cid, r)),
+        )?;
+        Ok((last - read).saturating_sub(own + deleted))
+    }
+
+    async fn view(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<ConversationView>> {
+        let Some(conv) = self.load_conversation(conversation).await? else {
+            return Ok(None);
+        };
+        let (last, unread) = tokio::try_join!(
+            self.page(conversation, true, conv.last_seq.max(1), 1),
+            self.unread_with(conversation, user, conv.last_seq)
+        )?;
+        let last_message = if conv.last_seq == 0 {
+            None
+        } else {
+            last.into_iter().next()
+        };
+        Ok(Some(ConversationView {
+            conversation: conv,
+            unread,
+            last_message,
+        }))
+    }
+}
+
+#[async_trait]
+impl MessageStore for ScyllaStore {
+    async fn append(&self, message: NewMessage) -> Result<Appended> {
+        self.bounded(self.append_inner(message)).await
+    }
+
+    async fn message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+    ) -> Result<Option<Message>> {
+        self.bounded(async {
+            let seq: Option<(i64,)> = self
+                .first(
+                    &self.inner.st.id_get,
+                    (i64_of(conversation.get())?, i64_of(id.get())?),
+                )
+                .await?;
+            let Some((seq,)) = seq else { return Ok(None) };
+            Ok(self
+                .message_at(conversation, u64_of(seq)?)
+                .await?
+                .filter(|m| m.message_id == id))
+        })
+        .await
+    }
+
+    async fn change_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        by: &UserId,
+        change: MessageChange,
+        now: u64,
+    ) -> Result<Message> {
+        self.bounded(async {
+            let st = &self.inner.st;
+            self.existing(conversation).await?;
+            let cid = i64_of(conversation.get())?;
+            let not_found = || Error::not_found(format!("message {id}"));
+            let seq: Option<(i64,)> = self.first(&st.id_get, (cid, i64_of(id.get())?)).await?;
+            let seq = u64_of(seq.ok_or_else(not_found)?.0)?;
+            for _ in 0..CAS_ATTEMPTS {
+                let current = self
+                    .message_at(conversation, seq)
+                    .await?
+                    .filter(|m| m.message_id == id)
+                    .ok_or_else(not_found)?;
+                if &current.sender_id != by {
+                    return Err(Error::forbidden("only the sender may change a message"));
+                }
+                let mut changed = current.clone();
+                if let Err(e) = change.apply(&mut changed, now) {
+                    if current.deleted {
+                        // Finish the index writes of a delete that crashed half-way.
+                        self.mark_deleted(cid, &current).await?;
+                    }
+                    return Err(e);
+                }
+                let lwt = Lwt::parse(
+                    self.exec(
+                        &st.msg_update,
+                        (
+                            changed.content.as_str(),
+                            media_json(&changed.media)?,
+                            changed.edited_at.map(i64_of).transpose()?,
+                            changed.deleted,
+                            i64::from(changed.version),
+                            cid,
+                            i64_of(self.bucket_of(seq))?,
+                            i64_of(seq)?,
+                            i64::from(current.version),
+                        ),
+                    )
+                    .await?,
+                )?;
+                if lwt.applied {
+                    if changed.deleted {
+                        self.mark_deleted(cid, &changed).await?;
+                    }
+                    return Ok(changed);
+                }
+            }
+            Err(Error::Conflict(
+                format!("message {id} changed concurrently {CAS_ATTEMPTS} times").into(),
+            ))
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.bounded(async {
+            let row = self.existing(conversation).await?;
+            if limit == 0 || before == Some(0) || before == Some(1) {
+                return Ok(Vec::new());
+            }
+            let last = self.probe_last(conversation, Some(row.last_seq)).await?;
+            let top = before.map_or(last, |b| (b - 1).min(last));
+            if top == 0 {
+                return Ok(Vec::new());
+            }
+            self.page(conversation, true, top, limit).await
+        })
+        .await
+    }
+
+    async fn messages_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.bounded(async {
+            self.existing(conversation).await?;
+            if limit == 0 || after >= i64::MAX as u64 {
+                return Ok(Vec::new());
+            }
+            self.page(conversation, false, after + 1, limit).await
+        })
+        .await
+    }
+
+    async fn last_seq(&self, conversation: ConversationId) -> Result<u64> {
+        self.bounded(self.probe_last(conversation, None)).await
+    }
+
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
+        self.bounded(async {
+            let mut seen = HashSet::with_capacity(new.members.len() + 1);
+            let users: Vec<UserId> = std::iter::once(&new.creator)
+                .chain(&new.members)
+                .filter(|u| seen.insert(*u))
+                .cloned()
+                .collect();
+            match new.kind {
+                ConversationKind::Group => {
+                    self.write_conversation(&new, &users, Role::Owner, None)
+                        .await?;
+                    self.load_conversation(new.id)
+                        .await?
+                        .ok_or_else(|| internal("conversation missing after creation"))
+                }
+                ConversationKind::Direct => {
+                    let [a, b] = <[UserId; 2]>::try_from(users).map_err(|_| {
+                        Error::invalid("a direct conversation needs exactly two distinct users")
+                    })?;
+                    let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                    let lwt = Lwt::parse(
+                        self.exec(
+                            &self.inner.st.direct_claim,
+                            (
+                                direct_key(&a, &b),
+                                i64_of(new.id.get())?,
+                                i64_of(new.created_at)?,
+                            ),
+                        )
+                        .await?,
+                    )?;
+                    let (id, created_at) = if lwt.applied {
+                        (new.id, new.created_at)
+                    } else {
+                        let id = lwt
+                            .i64("conversation_id")
+                            .ok_or_else(|| internal("direct pair without conversation"))?;
+                        let at = lwt.i64("created_at").unwrap_or(0);
+                        (ConversationId::from_raw(u64_of(id)?), u64_of(at)?)
+                    };
+                    let exists = !lwt.applied && self.conv_row(id).await?.is_some();
+                    if exists {
+                        // Restore a member who left.
+                        self.add_users(id, &[a, b], new.created_at).await?;
+                    } else {
+                        // Ours, or the pair's creation is in progress or crashed: write it
+                        // (the same rows whoever writes them).
+                        let fresh = NewConversation {
+                            id,
+                            kind: ConversationKind::Direct,
+                            name: None,
+                            creator: a.clone(),
+                            members: vec![b.clone()],
+                            created_at,
+                        };
+                        self.write_conversation(
+                            &fresh,
+                            &[a.clone(), b.clone()],
+                            Role::Member,
+                            Some((&a, &b)),
+                        )
+                        .await?;
+                    }
+                    self.load_conversation(id)
+                        .await?
+                        .ok_or_else(|| internal("conversation missing after creation"))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        self.bounded(self.load_conversation(id)).await
+    }
+
+    async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>> {
+        self.bounded(async {
+            let cid = i64_of(conversation.get())?;
+            let (member, (read, delivered)) = tokio::try_join!(
+                self.first::<(String, i64)>(&self.inner.st.member_get, (cid, user.as_str())),
+                self.marker_row(cid, user)
+            )?;
+            member
+                .map(|(role, joined_at)| {
+                    Ok(Member {
+                        user_id: user.clone(),
+                        role: enum_parse(&role)?,
+                        joined_at: u64_of(joined_at)?,
+                        last_read_seq: read,
+                        last_delivered_seq: delivered,
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn add_members(
+        &self,
+        conversation: ConversationId,
+        users: &[UserId],
+        now: u64,
+    ) -> Result<Vec<UserId>> {
+        self.bounded(async {
+            let row = self.existing(conversation).await?;
+            if let Some((a, b)) = &row.pair {
+                if users.iter().any(|u| u != a && u != b) {
+                    return Err(Error::invalid(
+                        "a direct conversation cannot have other members",
+                    ));
+                }
+            }
+            self.add_users(conversation, users, now).await
+        })
+        .await
+    }
+
+    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+        self.bounded(async {
+            self.existing(conversation).await?;
+            let cid = i64_of(conversation.get())?;
+            let st = &self.inner.st;
+            let lwt = Lwt::parse(
+                self.exec(&st.member_delete_lwt, (cid, user.as_str()))
+                    .await?,
+            )?;
+            // Also when it was not applied: finishes a removal that crashed half-way.
+            self.exec(&st.user_conv_delete, (user.as_str(), cid))
+                .await?;
+            Ok(lwt.applied)
+        })
+        .await
+    }
+
+    async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
+        self.bounded(async {
+            let rows: Vec<(i64,)> = self
+                .rows(&self.inner.st.user_convs, (user.as_str(),))
+                .await?;
+            rows.into_iter()
+                .map(|(c,)| u64_of(c).map(ConversationId::from_raw))
+                .collect()
+        })
+        .await
+    }
+
+    async fn list_conversations(
+        &self,
+        user: &UserId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<ConversationView, u64>> {
+        self.bounded(async {
+            if limit == 0 {
+                return Ok(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+            let rows: Vec<(i64,)> = self
+                .rows(&self.inner.st.user_convs, (user.as_str(),))
+                .await?;
+            // The activity of each of the user's conversations (one single-row read each).
+            let mut active: Vec<(u64, ConversationId)> = futures::stream::iter(rows)
+                .map(|(c,)| async move {
+                    let id = ConversationId::from_raw(u64_of(c)?);
+                    Ok::<_, Error>(self.conv_row(id).await?.map(|r| (r.last_activity, id)))
+                })
+                .buffer_unordered(LIST_CONCURRENCY)
+                .try_filter_map(|x| async move { Ok(x) })
+                .try_collect()
+                .await?;
+            active.retain(|(a, _)| after.is_none_or(|after| *a < after));
+            active.sort_unstable_by(|x, y| y.cmp(x));
+            let more = active.len() > limit;
+            active.truncate(limit);
+            let items: Vec<ConversationView> = futures::stream::iter(active)
+                .map(|(_, id)| self.view(id, user))
+                .buffered(LIST_CONCURRENCY)
+                .try_filter_map(|v| async move { Ok(v) })
+                .try_collect()
+                .await?;
+            let next = if more {
+                items.last().map(|v| v.conversation.last_activity)
+            } else {
+                None
+            };
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn set_marker(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+        kind: ReceiptKind,
+        seq: u64,
+    ) -> Result<MarkerUpdate> {
+        self.bounded(async {
+            let st = &self.inner.st;
+            let row = self.existing(conversation).await?;
+            let cid = i64_of(conversation.get())?;
+            let (member, last, (read, delivered)) = tokio::try_join!(
+                self.first::<(String, i64)>(&st.member_get, (cid, user.as_str())),
+                self.probe_last(conversation, Some(row.last_seq)),
+                self.marker_row(cid, user),
+            )?;
+            if member.is_none() {
+                return Err(Error::NotMember(conversation));
+            }
+            let target = seq.min(last);
+            let current = match kind {
+                ReceiptKind::Read => read,
+                ReceiptKind::Delivered => delivered,
+            };
+            if target <= current {
+                return Ok(MarkerUpdate {
+                    seq: current,
+                    moved: false,
+                });
+            }
+            // Max-wins: a cell written with timestamp = its value only loses to a higher one.
+            let t = i64_of(target)?;
+            match kind {
+                ReceiptKind::Read => {
+                    self.exec(&st.marker_set, (t, t, t, cid, user.as_str()))
+                        .await?
+                }
+                ReceiptKind::Delivered => {
+                    self.exec(&st.marker_set_delivered, (t, t, cid, user.as_str()))
+                        .await?
+                }
+            };
+            Ok(MarkerUpdate {
+                seq: target,
+                moved: true,
+            })
+        })
+        .await
+    }
+
+    async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
+        self.bounded(self.unread_inner(conversation, user)).await
+    }
+}
+
+impl ScyllaStore {
+    /// The index writes of a deleted message (unread counts): idempotent.
+    async fn mark_deleted(&self, cid: i64, m: &Message) -> Result<()> {
+        let st = &self.inner.st;
+        let seq = i64_of(m.seq)?;
+        tokio::try_join!(
+            self.exec(&st.deleted_insert, (cid, seq, m.sender_id.as_str())),
+            self.exec(&st.sent_delete, (cid, m.sender_id.as_str(), seq)),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,744 @@
+//! `ScyllaStore` against a real CQL node: Apache Cassandra 5.0, started by the README's test
+//! command (`scripts/test.sh`, which runs `scripts/cassandra.sh`) and named by
+//! `CHAT_TEST_SCYLLA_URI` (`host:port`, comma-separated for several contact points).
+//! **Without `CHAT_TEST_SCYLLA_URI` every test here fails**; `scripts/test.sh` skips this
+//! binary (loudly) only when Java 11/17 or Maven is missing.
+//!
+//! ```text
+//! scripts/cassandra.sh start
+//! CHAT_TEST_SCYLLA_URI=127.0.0.1:19042 cargo test -p chat-store --test scylla_store
+//! scripts/cassandra.sh stop
+//! ```
+//!
+//! * The whole `MessageStore` conformance suite, all cases in one keyspace created for this
+//!   test process (random name; the cases use random ids), with 16 seqs per bucket so every
+//!   case crosses partition boundaries.
+//! * CQL-specific cases: two stores ("nodes") appending to one conversation, the crash windows
+//!   of the append protocol (rows left as a crashed node would leave them, then a retry), the
+//!   versioned schema, and an unreachable node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use chat_core::Error;
+use chat_core::model::NewMessage;
+use chat_core::store::{DynMessageStore, MessageStore};
+use chat_core::testing::store::{Fixture, random_u64};
+use chat_store::{ScyllaStore, ScyllaStoreOptions};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+
+/// Seqs per bucket of the test keyspace: small, so that the suite reads across buckets.
+const TEST_BUCKET: u64 = 16;
+
+fn contact_points() -> Vec<String> {
+    let uri = std::env::var("CHAT_TEST_SCYLLA_URI").unwrap_or_default();
+    let points: Vec<String> = uri
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !points.is_empty(),
+        "CHAT_TEST_SCYLLA_URI is not set: these tests need a real CQL node. Run the README's \
+         test command (scripts/test.sh starts Apache Cassandra), or `scripts/cassandra.sh start` \
+         and `export CHAT_TEST_SCYLLA_URI=127.0.0.1:19042`."
+    );
+    points
+}
+
+/// The keyspace of this test process.
+fn keyspace() -> &'static str {
+    static KS: OnceLock<String> = OnceLock::new();
+    KS.get_or_init(|| format!("chat_test_{:012x}", random_u64() & 0xffff_ffff_ffff))
+}
+
+fn options() -> ScyllaStoreOptions {
+    ScyllaStoreOptions::new(keyspace()).with_bucket_size(TEST_BUCKET)
+}
+
+async fn open() -> ScyllaStore {
+    ScyllaStore::connect_with(&contact_points(), options())
+        .await
+        .expect("connect to the test CQL node (CHAT_TEST_SCYLLA_URI)")
+}
+
+/// A store on the test keyspace (one session per test: each test has its own runtime).
+async fn scylla_test_store() -> DynMessageStore {
+    Arc::new(open().await)
+}
+
+/// A raw session, to leave rows behind as a crashed node would.
+async fn raw_session() -> Session {
+    SessionBuilder::new()
+        .known_nodes(contact_points())
+        .build()
+        .await
+        .expect("raw session")
+}
+
+mod cql {
+    use super::*;
+    chat_core::store_conformance_tests!(scylla_test_store);
+}
+
+// ------------------------------------------------------------------- CQL-specific cases
+
+/// Two stores, as on two chat nodes (separate sessions, separate in-process locks), append to
+/// one conversation concurrently: their conditional inserts collide and are retried, and the
+/// seqs are still exactly 1..=N, read the same from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_append_gap_free() {
+    const PER_TASK: usize = 20;
+    const TASKS_PER_NODE: usize = 4;
+    let node_a = Arc::new(open().await);
+    let node_b = Arc::new(open().await);
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*node_a, 4).await;
+
+    let mut handles = Vec::new();
+    for t in 0..2 * TASKS_PER_NODE {
+        let store = if t % 2 == 0 {
+            node_a.clone()
+        } else {
+            node_b.clone()
+        };
+        let (fx, sender) = (fx.clone(), users[t % users.len()].clone());
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_TASK {
+                let new = fx.new_message(conv.id, &sender, &format!("{t}-{i}"), "x");
+                let a = store.append(new.clone()).await.unwrap();
+                assert!(!a.duplicate);
+                assert_eq!(a.message, new.into_message(a.message.seq));
+                seqs.push(a.message.seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        let seqs = h.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    let total = (2 * TASKS_PER_NODE * PER_TASK) as u64;
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "gap-free across nodes"
+    );
+    let from_a = node_a.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    let from_b = node_b.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    assert_eq!(from_a.len() as u64, total);
+    assert_eq!(from_a, from_b);
+    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), total);
+}
+
+/// Two nodes retrying the same send concurrently: one message, both get its ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_retry_one_send() {
+    let node_a = Arc::new(open().await);
+    let node_b = Arc::new(open().await);
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*node_a, 2).await;
+    fx.send(&*node_a, conv.id, &users[1], "before").await;
+    let mut handles = Vec::new();
+    for r in 0..8 {
+        let store = if r % 2 == 0 {
+            node_a.clone()
+        } else {
+            node_b.clone()
+        };
+        let new = fx.new_message(conv.id, &users[0], "same", &format!("attempt {r}"));
+        handles.push(tokio::spawn(
+            async move { store.append(new).await.unwrap() },
+        ));
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(results.iter().all(|a| a.message == results[0].message));
+    assert_eq!(results[0].message.seq, 2);
+    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), 2);
+}
+
+fn ks_table(table: &str) -> String {
+    format!("{}.{table}", keyspace())
+}
+
+/// Writes the idempotency claim a node makes first, as if it crashed right after it.
+async fn leave_claim(raw: &Session, new: &NewMessage, seq: u64) {
+    raw.query_unpaged(
+        format!(
+            "INSERT INTO {} (conversation_id, sender_id, client_msg_id, seq, message_id, kind, \
+             content, created_at) VALUES (?, ?, ?, ?, ?, 'text', ?, ?)",
+            ks_table("idempotency")
+        ),
+        (
+            new.conversation_id.get() as i64,
+            new.sender_id.as_str(),
+            new.client_msg_id.as_str(),
+            seq as i64,
+            new.message_id.get() as i64,
+            new.content.as_str(),
+            new.created_at as i64,
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Crash after the claim, before the message row: the retry (a new attempt with another
+/// message id and content, as a client resending after a reconnect) finishes the claimed
+/// message at the claimed seq, so the seq is not left empty and nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_finishes_the_claim_of_a_crashed_node() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    fx.send(&store, conv.id, &users[1], "one").await;
+
+    let crashed = fx.new_message(conv.id, &users[0], "k", "written by the crashed node");
+    leave_claim(&raw, &crashed, 2).await;
+    assert_eq!(
+        store.last_seq(conv.id).await.unwrap(),
+        1,
+        "nothing stored yet"
+    );
+
+    let retry = fx.new_message(conv.id, &users[0], "k", "the retry");
+    let a = store.append(retry).await.unwrap();
+    assert!(a.duplicate, "the claim was the original attempt");
+    assert_eq!(a.message, crashed.clone().into_message(2));
+    assert_eq!(store.last_seq(conv.id).await.unwrap(), 2);
+    let next = fx.send(&store, conv.id, &users[1], "three").await;
+    assert_eq!(next.seq, 3, "no gap");
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        Some(all[1].clone())
+    );
+}
+
+/// A claim left at a seq that another message took meanwhile (its node lost the race and
+/// crashed): the retry moves the claim to the end and stores the message once, gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_moves_a_stale_claim() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let crashed = fx.new_message(conv.id, &users[0], "k", "lost the race");
+    leave_claim(&raw, &crashed, 1).await;
+    let winner = fx.send(&store, conv.id, &users[1], "took seq 1").await;
+    assert_eq!(winner.seq, 1);
+
+    let a = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry"))
+        .await
+        .unwrap();
+    assert!(a.duplicate);
+    assert_eq!(a.message, crashed.clone().into_message(2));
+    let again = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry 2"))
+        .await
+        .unwrap();
+    assert_eq!(again.message, a.message);
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].message_id, crashed.message_id);
+}
+
+/// Crash after the message row, before the writes that follow it (id lookup, activity, sent
+/// set): the message is already in history and sync (seq taken, no gap); the retry — which
+/// the client sends because it never got the ack — completes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let crashed = fx.new_message(conv.id, &users[0], "k", "stored, then crash");
+    leave_claim(&raw, &crashed, 1).await;
+    raw.query_unpaged(
+        format!(
+            "INSERT INTO {} (conversation_id, bucket, seq, message_id, sender_id, client_msg_id, \
+             kind, content, created_at, deleted, version) \
+             VALUES (?, 0, 1, ?, ?, 'k', 'text', ?, ?, false, 1)",
+            ks_table("messages")
+        ),
+        (
+            conv.id.get() as i64,
+            crashed.message_id.get() as i64,
+            crashed.sender_id.as_str(),
+            crashed.content.as_str(),
+            crashed.created_at as i64,
+        ),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(store.last_seq(conv.id).await.unwrap(), 1);
+    assert_eq!(
+        store.messages_after(conv.id, 0, 10).await.unwrap(),
+        vec![crashed.clone().into_message(1)]
+    );
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        None,
+        "the id lookup is written after the row"
+    );
+
+    let a = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry"))
+        .await
+        .unwrap();
+    assert!(a.duplicate);
+    assert_eq!(a.message, crashed.clone().into_message(1));
+    assert_eq!(
+        store.message(conv.id, crashed.message_id).await.unwrap(),
+        Some(a.message.clone())
+    );
+    let c = store.conversation(conv.id).await.unwrap().unwrap();
+    assert_eq!((c.last_seq, c.last_activity), (1, crashed.message_id.get()));
+    assert_eq!(store.unread(conv.id, &users[0]).await.unwrap(), 0);
+    assert_eq!(store.unread(conv.id, &users[1]).await.unwrap(), 1);
+    assert_eq!(fx.send(&store, conv.id, &users[1], "next").await.seq, 2);
+}
+
+/// The schema is versioned and created once: a second store on the keyspace migrates nothing,
+/// and the bucket size recorded at creation wins over a different option.
+#[tokio::test]
+async fn cql_schema_is_versioned_and_keeps_its_bucket_size() {
+    let first = open().await;
+    assert_eq!(first.bucket_size(), TEST_BUCKET);
+    let other = ScyllaStore::connect_with(&contact_points(), options().with_bucket_size(1000))
+        .await
+        .unwrap();
+    assert_eq!(other.bucket_size(), TEST_BUCKET, "the stored size wins");
+    let raw = raw_session().await;
+    let row = raw
+        .query_unpaged(
+            format!(
+                "SELECT version, bucket_size FROM {} WHERE id = 'schema'",
+                ks_table("schema_version")
+            ),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(i32, i64)>()
+        .unwrap();
+    assert_eq!(row, (chat_store::SCHEMA_VERSION, TEST_BUCKET as i64));
+}
+
+/// No node at the address: a clear, transient `Unavailable` within the timeouts.
+#[tokio::test]
+async fn cql_unreachable_node_is_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let r = ScyllaStore::connect_with(
+        &[format!("127.0.0.1:{port}")],
+        ScyllaStoreOptions::new("chat_unreachable")
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_startup_timeout(Duration::from_secs(10)),
+    )
+    .await;
+    let err = r.expect_err("no node there");
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                backend: "scylla",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+// ------------------------------------------------------------------- faults
+
+/// A Cassandra node of one test, started with `scripts/cassandra.sh` on free ports with
+/// `commitlog_sync: batch` (every acked write is on disk), killed and restarted at will, and
+/// stopped (its data removed) on drop.
+struct OwnNode {
+    home: std::path::PathBuf,
+    cql_port: u16,
+    storage_port: u16,
+}
+
+impl OwnNode {
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn command(&self, action: &str, keep_data: bool) -> std::process::Command {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cassandra.sh");
+        let mut cmd = std::process::Command::new(script);
+        cmd.arg(action)
+            .env("CASS_HOME", &self.home)
+            .env("CQL_PORT", self.cql_port.to_string())
+            .env("STORAGE_PORT", self.storage_port.to_string())
+            .env("CASS_COMMITLOG_SYNC", "batch")
+            .env("CASS_KEEP_DATA", if keep_data { "1" } else { "0" });
+        cmd
+    }
+
+    async fn run(&self, action: &'static str, keep_data: bool) {
+        let mut cmd = self.command(action, keep_data);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .expect("run scripts/cassandra.sh");
+        assert!(
+            out.status.success(),
+            "cassandra.sh {action} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn start() -> Self {
+        let node = Self {
+            home: std::env::temp_dir().join(format!("chat-cql-fault-{:x}", random_u64())),
+            cql_port: Self::free_port(),
+            storage_port: Self::free_port(),
+        };
+        node.run("start", false).await;
+        node
+    }
+
+    fn uri(&self) -> String {
+        format!("127.0.0.1:{}", self.cql_port)
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let _ = self.command("stop", true).output();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// The node is SIGKILLed while a sender is appending and restarted from its data: while it is
+/// down every operation fails with a transient `Unavailable` within the operation timeout
+/// (nothing hangs, nothing else is returned); the sender retries each message with the same
+/// client_msg_id until acked; afterwards seqs are exactly 1..=N, every acked message is in
+/// history with the acked id, and no retry stored a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TOTAL: u64 = 40;
+    // Checks CHAT_TEST_SCYLLA_URI like every test here (the node of this test is its own).
+    contact_points();
+    let node = OwnNode::start().await;
+    let options = ScyllaStoreOptions::new("chat_fault")
+        .with_bucket_size(8)
+        .with_request_timeout(Duration::from_secs(1))
+        .with_operation_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(1));
+    let store = Arc::new(
+        ScyllaStore::connect_with(&[node.uri()], options)
+            .await
+            .unwrap(),
+    );
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*store, 2).await;
+    let acked_count = Arc::new(AtomicU64::new(0));
+
+    let sender = {
+        let (store, fx, acked_count) = (store.clone(), fx.clone(), acked_count.clone());
+        let alice = users[0].clone();
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let mut errors = 0;
+            for i in 0..TOTAL {
+                let cmid = format!("m{i}");
+                let deadline = Instant::now() + Duration::from_secs(180);
+                loop {
+                    let new = fx.new_message(conv.id, &alice, &cmid, &cmid);
+                    match store.append(new).await {
+                        Ok(a) => {
+                            acked.insert(a.message.seq, a.message);
+                            acked_count.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(e.is_transient(), "non-transient error {e:?}");
+                            assert!(
+                                matches!(
+                                    e,
+                                    Error::Unavailable {
+                                        backend: "scylla",
+                                        ..
+                                    }
+                                ),
+                                "{e:?}"
+                            );
+                            errors += 1;
+                            assert!(Instant::now() < deadline, "{cmid} never acked");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+            (acked, errors)
+        })
+    };
+
+    while acked_count.load(Ordering::SeqCst) < 15 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.run("kill", true).await;
+    // Down: a typed, transient error within the operation timeout (plus slack).
+    let t = Instant::now();
+    let r = store.last_seq(conv.id).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Unavailable {
+                backend: "scylla",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let h = store.history(conv.id, None, 10).await;
+    assert!(matches!(h, Err(ref e) if e.is_transient()), "{h:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.run("start", true).await;
+
+    let (acked, errors) = sender.await.unwrap();
+    assert!(errors > 0, "the sender saw the outage");
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every message acked once, gap-free"
+    );
+    // Every acked message is in history as acked (the store reconnected by itself).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all = loop {
+        match store.messages_after(conv.id, 0, usize::MAX).await {
+            Ok(m) => break m,
+            Err(e) => {
+                assert!(e.is_transient() && Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(all, acked.values().cloned().collect::<Vec<_>>());
+    let keys: std::collections::HashSet<&str> =
+        all.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(keys.len() as u64, TOTAL, "no message stored twice");
+}
+
+// ------------------------------------------------------------------- engines
+
+/// Two engines ("nodes", each with its own `ScyllaStore` session and in-process locks) on one
+/// keyspace, joined by the in-process router: two users on different nodes send concurrently
+/// into one group. Every ack is a stored message, seqs are gap-free across the nodes, each user
+/// gets the other's messages live, and a sync on either node replays the same timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_engines_on_one_keyspace_ack_only_stored_gap_free_messages() {
+    use std::collections::{BTreeMap, HashMap};
+
+    use chat_core::memory::{InProcessClient, InProcessTransport, MemoryPresence, MemoryRouterHub};
+    use chat_core::model::ConversationKind;
+    use chat_core::presence::PresenceConfig;
+    use chat_core::protocol::SendMessage;
+    use chat_core::{Chat, Command, Event, NodeId};
+
+    const PER_USER: usize = 30;
+    let hub = MemoryRouterHub::new();
+    let presence = Arc::new(MemoryPresence::new(PresenceConfig::default()));
+    let mut nodes = Vec::new();
+    let mut stores = Vec::new();
+    for i in 1..=2u16 {
+        let store = Arc::new(open().await);
+        stores.push(store.clone());
+        let chat = Chat::builder()
+            .configure(|c| {
+                c.node_id = NodeId::new(i).unwrap();
+                c.rate_limit = None;
+            })
+            .store(store)
+            .presence(presence.clone())
+            .router(Arc::new(hub.router(NodeId::new(i).unwrap())))
+            .build()
+            .await
+            .unwrap();
+        nodes.push(InProcessTransport::new(chat));
+    }
+    let fx = Fixture::new();
+    let (alice, bob) = (fx.user("alice"), fx.user("bob"));
+    let conv = nodes[0]
+        .chat()
+        .create_conversation(&alice, ConversationKind::Group, &[bob.clone()], None)
+        .await
+        .unwrap()
+        .conversation
+        .id;
+
+    // Each user sends PER_USER messages on their node and collects acks and live messages.
+    let run = |client: InProcessClient, name: &'static str| {
+        tokio::spawn(async move {
+            let mut client = client;
+            for i in 0..PER_USER {
+                client
+                    .send(Command::Message(SendMessage {
+                        conversation_id: conv,
+                        client_msg_id: format!("{name}{i}"),
+                        content: format!("{name} {i}"),
+                        kind: Default::default(),
+                        media: None,
+                        reply_to: None,
+                    }))
+                    .await;
+            }
+            let mut acks = Vec::new();
+            let mut live = BTreeMap::new();
+            while acks.len() < PER_USER || live.len() < PER_USER {
+                match client.recv_timeout(Duration::from_secs(30)).await {
+                    Some(Event::MessageAck {
+                        seq, message_id, ..
+                    }) => acks.push((seq, message_id)),
+                    Some(Event::Message { message }) => {
+                        live.insert(message.seq, message.message_id);
+                    }
+                    Some(Event::Error { .. }) => panic!("{name}: error event"),
+                    Some(_) => {}
+                    None => panic!(
+                        "{name}: timed out ({} acks, {} live)",
+                        acks.len(),
+                        live.len()
+                    ),
+                }
+            }
+            (client, acks, live)
+        })
+    };
+    let a = run(nodes[0].connect(alice.clone()).await.unwrap(), "a");
+    let b = run(nodes[1].connect(bob.clone()).await.unwrap(), "b");
+    let (mut alice_client, a_acks, a_live) = a.await.unwrap();
+    let (_bob_client, b_acks, b_live) = b.await.unwrap();
+
+    for acks in [&a_acks, &b_acks] {
+        assert!(
+            acks.windows(2).all(|w| w[0].0 < w[1].0),
+            "one sender's seqs increase"
+        );
+    }
+    let mut acked: HashMap<u64, chat_core::MessageId> =
+        a_acks.iter().chain(&b_acks).copied().collect();
+    assert_eq!(acked.len(), 2 * PER_USER, "no seq acked twice");
+    let mut seqs: Vec<u64> = acked.keys().copied().collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=(2 * PER_USER) as u64).collect::<Vec<_>>());
+    // Each got the other's messages live, as acked to the other.
+    for (seq, id) in &a_live {
+        assert_eq!(
+            b_acks.iter().find(|(s, _)| s == seq).map(|x| x.1),
+            Some(*id)
+        );
+    }
+    assert_eq!(b_live.len(), PER_USER);
+    // The store of the other node has exactly what was acked.
+    let stored = stores[1].messages_after(conv, 0, usize::MAX).await.unwrap();
+    for m in &stored {
+        assert_eq!(acked.remove(&m.seq), Some(m.message_id));
+    }
+    assert!(acked.is_empty());
+    // Sync on node 0 replays the whole timeline in order.
+    alice_client
+        .send(Command::Sync {
+            conversations: BTreeMap::from([(conv, 0)]),
+        })
+        .await;
+    let mut replay = Vec::new();
+    loop {
+        match alice_client.recv_timeout(Duration::from_secs(30)).await {
+            Some(Event::Message { message }) => replay.push(message),
+            Some(Event::SyncDone { .. }) => break,
+            Some(_) => {}
+            None => panic!("sync timed out"),
+        }
+    }
+    assert_eq!(replay, stored);
+}
+
+/// A keyspace the store creates gets the configured replication (NetworkTopologyStrategy
+/// here, on the node's datacenter), and no tablets option on Cassandra (detected as not
+/// ScyllaDB); forcing the ScyllaDB option on Cassandra is rejected by the node, which shows
+/// the option really is sent, as a typed non-transient error.
+#[tokio::test]
+async fn cql_keyspace_replication_and_tablets_option() {
+    use chat_store::{Replication, Tablets};
+    let raw = raw_session().await;
+    let (dc,): (String,) = raw
+        .query_unpaged("SELECT data_center FROM system.local", ())
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    let ks = format!("chat_repl_{:x}", random_u64() & 0xffff_ffff);
+    let store = ScyllaStore::connect_with(
+        &contact_points(),
+        ScyllaStoreOptions::new(ks.clone())
+            .with_replication(Replication::NetworkTopology(vec![(dc.clone(), 1)])),
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    fx.send(&store, conv.id, &users[0], "hi").await;
+    let (replication,): (std::collections::HashMap<String, String>,) = raw
+        .query_unpaged(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks.as_str(),),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert!(
+        replication["class"].ends_with("NetworkTopologyStrategy"),
+        "{replication:?}"
+    );
+    assert_eq!(replication.get(&dc).map(String::as_str), Some("1"));
+
+    let forced = ScyllaStore::connect_with(
+        &contact_points(),
+        ScyllaStoreOptions::new(format!("chat_tab_{:x}", random_u64() & 0xffff_ffff))
+            .with_tablets(Tablets::Disable),
+    )
+    .await;
+    let err = forced.expect_err("Cassandra has no tablets option");
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    assert!(!err.is_transient());
+}
