@@ -742,3 +742,77 @@ async fn cql_keyspace_replication_and_tablets_option() {
     assert!(matches!(err, Error::Internal(_)), "{err:?}");
     assert!(!err.is_transient());
 }
+
+/// The node answers with CQL's `Unavailable` (a keyspace that wants 3 replicas on this one
+/// node): opening such a store fails with a transient `Unavailable` of this backend (the schema
+/// step writes at a quorum); a store whose keyspace is raised to 3 replicas under it keeps
+/// plain writes at `ONE` but cannot run Paxos (2 of 3 needed), so an append fails with a
+/// transient `Unavailable` within the operation timeout and stores nothing, and so does its
+/// retry; once the keyspace is back to 1 replica the retry stores the message exactly once.
+#[tokio::test]
+async fn cql_an_unavailable_answer_is_a_transient_error_and_stores_nothing() {
+    use chat_store::{Consistency, Replication};
+    let is_unavailable =
+        |err: &Error| matches!(err, Error::Unavailable { backend, .. } if *backend == "scylla");
+    // Opening: the schema step cannot reach a quorum.
+    let err = ScyllaStore::connect_with(
+        &contact_points(),
+        ScyllaStoreOptions::new(format!("chat_unav_{:x}", random_u64() & 0xffff_ffff))
+            .with_replication(Replication::Simple {
+                replication_factor: 3,
+            }),
+    )
+    .await
+    .expect_err("a quorum of 3 replicas on one node");
+    assert!(is_unavailable(&err) && err.is_transient(), "{err:?}");
+
+    // Appending: the keyspace loses its quorum under an open store.
+    let ks = format!("chat_unav_{:x}", random_u64() & 0xffff_ffff);
+    let store = ScyllaStore::connect_with(
+        &contact_points(),
+        ScyllaStoreOptions::new(ks.clone()).with_consistency(Consistency::One),
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let raw = raw_session().await;
+    let set_rf = |rf: u32| {
+        format!(
+            "ALTER KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
+        )
+    };
+    raw.query_unpaged(set_rf(3), ()).await.unwrap();
+    let message = NewMessage {
+        message_id: fx.ids.message_id(),
+        conversation_id: conv.id,
+        sender_id: users[0].clone(),
+        client_msg_id: "unavailable-1".into(),
+        kind: Default::default(),
+        content: "needs a quorum".into(),
+        media: None,
+        reply_to: None,
+        created_at: chat_core::time::now_ms(),
+    };
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let err = store
+            .append(message.clone())
+            .await
+            .expect_err("no quorum for Paxos");
+        assert!(is_unavailable(&err), "attempt {attempt}: {err:?}");
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(store.history(conv.id, None, 10).await.unwrap().is_empty());
+    // Back to one replica: the client's retry stores it, once.
+    raw.query_unpaged(set_rf(1), ()).await.unwrap();
+    let stored = store.append(message.clone()).await.unwrap();
+    assert_eq!((stored.message.seq, stored.duplicate), (1, false));
+    assert!(store.append(message).await.unwrap().duplicate);
+    assert_eq!(store.history(conv.id, None, 10).await.unwrap().len(), 1);
+}
