@@ -26,6 +26,7 @@ use chat_core::model::NewMessage;
 use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
 use chat_store::{ScyllaStore, ScyllaStoreOptions};
+use chat_testkit::CassandraNode;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 
@@ -374,72 +375,6 @@ async fn cql_unreachable_node_is_unavailable() {
 
 // ------------------------------------------------------------------- faults
 
-/// A Cassandra node of one test, started with `scripts/cassandra.sh` on free ports with
-/// `commitlog_sync: batch` (every acked write is on disk), killed and restarted at will, and
-/// stopped (its data removed) on drop.
-struct OwnNode {
-    home: std::path::PathBuf,
-    cql_port: u16,
-    storage_port: u16,
-}
-
-impl OwnNode {
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    fn command(&self, action: &str, keep_data: bool) -> std::process::Command {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cassandra.sh");
-        let mut cmd = std::process::Command::new(script);
-        cmd.arg(action)
-            .env("CASS_HOME", &self.home)
-            .env("CQL_PORT", self.cql_port.to_string())
-            .env("STORAGE_PORT", self.storage_port.to_string())
-            .env("CASS_COMMITLOG_SYNC", "batch")
-            .env("CASS_KEEP_DATA", if keep_data { "1" } else { "0" });
-        cmd
-    }
-
-    async fn run(&self, action: &'static str, keep_data: bool) {
-        let mut cmd = self.command(action, keep_data);
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await
-            .unwrap()
-            .expect("run scripts/cassandra.sh");
-        assert!(
-            out.status.success(),
-            "cassandra.sh {action} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    async fn start() -> Self {
-        let node = Self {
-            home: std::env::temp_dir().join(format!("chat-cql-fault-{:x}", random_u64())),
-            cql_port: Self::free_port(),
-            storage_port: Self::free_port(),
-        };
-        node.run("start", false).await;
-        node
-    }
-
-    fn uri(&self) -> String {
-        format!("127.0.0.1:{}", self.cql_port)
-    }
-}
-
-impl Drop for OwnNode {
-    fn drop(&mut self) {
-        let _ = self.command("stop", true).output();
-        let _ = std::fs::remove_dir_all(&self.home);
-    }
-}
-
 /// The node is SIGKILLed while a sender is appending and restarted from its data: while it is
 /// down every operation fails with a transient `Unavailable` within the operation timeout
 /// (nothing hangs, nothing else is returned); the sender retries each message with the same
@@ -452,7 +387,7 @@ async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
     const TOTAL: u64 = 40;
     // Checks CHAT_TEST_SCYLLA_URI like every test here (the node of this test is its own).
     contact_points();
-    let node = OwnNode::start().await;
+    let node = CassandraNode::start().await;
     let options = ScyllaStoreOptions::new("chat_fault")
         .with_bucket_size(8)
         .with_request_timeout(Duration::from_secs(1))
@@ -510,7 +445,7 @@ async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
     while acked_count.load(Ordering::SeqCst) < 15 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    node.run("kill", true).await;
+    node.kill().await;
     // Down: a typed, transient error within the operation timeout (plus slack).
     let t = Instant::now();
     let r = store.last_seq(conv.id).await;
@@ -528,7 +463,7 @@ async fn cql_node_killed_mid_traffic_loses_no_acked_message() {
     let h = store.history(conv.id, None, 10).await;
     assert!(matches!(h, Err(ref e) if e.is_transient()), "{h:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    node.run("start", true).await;
+    node.restart().await;
 
     let (acked, errors) = sender.await.unwrap();
     assert!(errors > 0, "the sender saw the outage");

@@ -6,10 +6,13 @@
 //! without having run against Redis.
 //!
 //! Shared by every test crate: [`random_prefix`] (isolated test state on a shared server),
-//! [`free_port`], and [`ws::WsClient`], the WebSocket test client of the gateway, cluster and
-//! example tests.
+//! [`free_port`], [`ws::WsClient`], the WebSocket test client of the gateway, cluster and
+//! example tests, and [`CassandraNode`], a CQL node of one test.
 
+pub mod cassandra;
 pub mod ws;
+
+pub use cassandra::CassandraNode;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

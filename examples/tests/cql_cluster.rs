@@ -12,7 +12,7 @@ use std::time::Duration;
 
 mod common;
 
-use chat_testkit::RedisServer;
+use chat_testkit::{CassandraNode, RedisServer};
 use common::{Node, free_port};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,59 +161,6 @@ async fn cql_server_refuses_to_start_without_a_reachable_node() {
     assert!(stderr.contains(&format!("127.0.0.1:{dead}")), "{stderr}");
 }
 
-/// A Cassandra node of one test (`scripts/cassandra.sh` on free ports, `commitlog_sync:
-/// batch`), killed and restarted at will, stopped and removed on drop.
-struct OwnNode {
-    home: std::path::PathBuf,
-    cql_port: u16,
-    storage_port: u16,
-}
-
-impl OwnNode {
-    fn command(&self, action: &str, keep_data: bool) -> std::process::Command {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cassandra.sh");
-        let mut cmd = std::process::Command::new(script);
-        cmd.arg(action)
-            .env("CASS_HOME", &self.home)
-            .env("CQL_PORT", self.cql_port.to_string())
-            .env("STORAGE_PORT", self.storage_port.to_string())
-            .env("CASS_COMMITLOG_SYNC", "batch")
-            .env("CASS_KEEP_DATA", if keep_data { "1" } else { "0" });
-        cmd
-    }
-
-    async fn run(&self, action: &'static str, keep_data: bool) {
-        let mut cmd = self.command(action, keep_data);
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await
-            .unwrap()
-            .expect("run scripts/cassandra.sh");
-        assert!(
-            out.status.success(),
-            "cassandra.sh {action} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    async fn start() -> Self {
-        let node = Self {
-            home: std::env::temp_dir().join(format!("chat-gw-cql-fault-{:x}", random_u64())),
-            cql_port: free_port(),
-            storage_port: free_port(),
-        };
-        node.run("start", false).await;
-        node
-    }
-}
-
-impl Drop for OwnNode {
-    fn drop(&mut self) {
-        let _ = self.command("stop", true).output();
-        let _ = std::fs::remove_dir_all(&self.home);
-    }
-}
-
 /// The raw response head (status line and headers), for headers like `Retry-After`.
 async fn http_head(port: u16, path: &str, user: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -234,12 +181,12 @@ async fn http_head(port: u16, path: &str, user: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cql_node_down_gives_503_with_retry_after_and_the_server_recovers() {
     scylla_uri(); // like every test here, needs the CQL test setup
-    let node = OwnNode::start().await;
+    let node = CassandraNode::start().await;
     let redis = RedisServer::start().await;
     let srv = Node::spawn(
         &[
             ("CHAT_REDIS_URL", redis.url()),
-            ("CHAT_SCYLLA_URI", format!("127.0.0.1:{}", node.cql_port)),
+            ("CHAT_SCYLLA_URI", node.uri()),
             ("CHAT_SCYLLA_KEYSPACE", "chat_gw_fault".to_owned()),
             ("RUST_LOG", "error".to_owned()),
         ],
@@ -261,7 +208,7 @@ async fn cql_node_down_gives_503_with_retry_after_and_the_server_recovers() {
     let first = ws.send_message(&conv, "m1", "before the outage").await;
     let path = format!("/api/conversations/{conv}/messages");
 
-    node.run("kill", true).await;
+    node.kill().await;
     let head = http_head(srv.port, &path, bob).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     assert!(
@@ -273,7 +220,7 @@ async fn cql_node_down_gives_503_with_retry_after_and_the_server_recovers() {
     let err = ws.recv_type("error").await;
     assert_eq!(err["client_msg_id"], "m2", "{err}");
 
-    node.run("start", true).await;
+    node.restart().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let page = loop {
         let (status, page) = srv.http("GET", &path, bob, None).await;
