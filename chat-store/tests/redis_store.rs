@@ -53,49 +53,10 @@ chat_core::store_conformance_tests!(with_guard, redis_test_store);
 /// 1..=N and both nodes read the same timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_append_gap_free() {
-    const PER_TASK: usize = 50;
-    const TASKS_PER_NODE: usize = 8;
     let server = shared_server().await;
     let prefix = random_prefix();
-    let node_a = Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap());
-    let node_b = Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap());
-    let fx = Arc::new(Fixture::new());
-    let (conv, users) = fx.group(&*node_a, 4).await;
-
-    let mut handles = Vec::new();
-    for t in 0..2 * TASKS_PER_NODE {
-        let store = if t % 2 == 0 {
-            node_a.clone()
-        } else {
-            node_b.clone()
-        };
-        let (fx, sender) = (fx.clone(), users[t % users.len()].clone());
-        handles.push(tokio::spawn(async move {
-            let mut seqs = Vec::new();
-            for i in 0..PER_TASK {
-                let new = fx.new_message(conv.id, &sender, &format!("{t}-{i}"), "x");
-                seqs.push(store.append(new).await.unwrap().message.seq);
-            }
-            seqs
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        let seqs = h.await.unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-        all.extend(seqs);
-    }
-    all.sort_unstable();
-    let total = (2 * TASKS_PER_NODE * PER_TASK) as u64;
-    assert_eq!(
-        all,
-        (1..=total).collect::<Vec<_>>(),
-        "gap-free across nodes"
-    );
-    let from_a = node_a.messages_after(conv.id, 0, usize::MAX).await.unwrap();
-    let from_b = node_b.messages_after(conv.id, 0, usize::MAX).await.unwrap();
-    assert_eq!(from_a.len() as u64, total);
-    assert_eq!(from_a, from_b);
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    chat_core::testing::store::two_nodes_append_gap_free(node().await, node().await, 8, 50).await;
 }
 
 /// Everything is in Redis, nothing in the store value: a new store on the same prefix sees the

@@ -92,51 +92,13 @@ mod cql {
 /// seqs are still exactly 1..=N, read the same from both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cql_two_nodes_append_gap_free() {
-    const PER_TASK: usize = 20;
-    const TASKS_PER_NODE: usize = 4;
-    let node_a = Arc::new(open().await);
-    let node_b = Arc::new(open().await);
-    let fx = Arc::new(Fixture::new());
-    let (conv, users) = fx.group(&*node_a, 4).await;
-
-    let mut handles = Vec::new();
-    for t in 0..2 * TASKS_PER_NODE {
-        let store = if t % 2 == 0 {
-            node_a.clone()
-        } else {
-            node_b.clone()
-        };
-        let (fx, sender) = (fx.clone(), users[t % users.len()].clone());
-        handles.push(tokio::spawn(async move {
-            let mut seqs = Vec::new();
-            for i in 0..PER_TASK {
-                let new = fx.new_message(conv.id, &sender, &format!("{t}-{i}"), "x");
-                let a = store.append(new.clone()).await.unwrap();
-                assert!(!a.duplicate);
-                assert_eq!(a.message, new.into_message(a.message.seq));
-                seqs.push(a.message.seq);
-            }
-            seqs
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        let seqs = h.await.unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-        all.extend(seqs);
-    }
-    all.sort_unstable();
-    let total = (2 * TASKS_PER_NODE * PER_TASK) as u64;
-    assert_eq!(
-        all,
-        (1..=total).collect::<Vec<_>>(),
-        "gap-free across nodes"
-    );
-    let from_a = node_a.messages_after(conv.id, 0, usize::MAX).await.unwrap();
-    let from_b = node_b.messages_after(conv.id, 0, usize::MAX).await.unwrap();
-    assert_eq!(from_a.len() as u64, total);
-    assert_eq!(from_a, from_b);
-    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), total);
+    chat_core::testing::store::two_nodes_append_gap_free(
+        Arc::new(open().await),
+        Arc::new(open().await),
+        4,
+        20,
+    )
+    .await;
 }
 
 /// Two nodes retrying the same send concurrently: one message, both get its ids.

@@ -1474,6 +1474,61 @@ pub async fn concurrent_appends_keep_conversation_lists_ordered(store: &DynMessa
     }
 }
 
+// ------------------------------------------------------------------- several nodes
+
+/// For distributed backends (not in the macro: it needs two stores on one backend, as two
+/// chat nodes would have): `tasks_per_node` tasks on each of `node_a` and `node_b` append
+/// `per_task` messages each to one conversation concurrently. Each task sees its own seqs
+/// increase and its messages stored as sent; together the seqs are exactly 1..=N; both nodes
+/// read the same timeline and the same last seq.
+pub async fn two_nodes_append_gap_free(
+    node_a: DynMessageStore,
+    node_b: DynMessageStore,
+    tasks_per_node: usize,
+    per_task: usize,
+) {
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*node_a, 4).await;
+    let mut handles = Vec::new();
+    for t in 0..2 * tasks_per_node {
+        let store = if t % 2 == 0 {
+            node_a.clone()
+        } else {
+            node_b.clone()
+        };
+        let (fx, sender) = (fx.clone(), users[t % users.len()].clone());
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..per_task {
+                let new = fx.new_message(conv.id, &sender, &format!("{t}-{i}"), "x");
+                let a = store.append(new.clone()).await.unwrap();
+                assert!(!a.duplicate);
+                assert_eq!(a.message, new.into_message(a.message.seq));
+                seqs.push(a.message.seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        let seqs = h.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    let total = (2 * tasks_per_node * per_task) as u64;
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "gap-free across nodes"
+    );
+    let from_a = node_a.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    let from_b = node_b.messages_after(conv.id, 0, usize::MAX).await.unwrap();
+    assert_eq!(from_a.len() as u64, total);
+    assert_eq!(from_a, from_b);
+    assert_eq!(node_b.last_seq(conv.id).await.unwrap(), total);
+}
+
 // -------------------------------------------------------------------------------- macro
 
 /// Expands the [`MessageStore`] conformance suite ([`crate::testing::store`]) into one
