@@ -34,20 +34,7 @@ use scylla::client::session_builder::SessionBuilder;
 const TEST_BUCKET: u64 = 16;
 
 fn contact_points() -> Vec<String> {
-    let uri = std::env::var("CHAT_TEST_SCYLLA_URI").unwrap_or_default();
-    let points: Vec<String> = uri
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        !points.is_empty(),
-        "CHAT_TEST_SCYLLA_URI is not set: these tests need a real CQL node. Run the README's \
-         test command (scripts/test.sh starts Apache Cassandra), or `scripts/cassandra.sh start` \
-         and `export CHAT_TEST_SCYLLA_URI=127.0.0.1:19042`."
-    );
-    points
+    chat_testkit::test_contact_points()
 }
 
 /// The keyspace of this test process.

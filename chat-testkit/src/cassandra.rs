@@ -7,6 +7,26 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The contact points of the test run's shared CQL node, from `CHAT_TEST_SCYLLA_URI`
+/// (comma-separated `host:port`). **Panics when it is unset**, saying how to get one: a CQL test
+/// never passes without having run against a real node.
+pub fn test_contact_points() -> Vec<String> {
+    let uri = std::env::var("CHAT_TEST_SCYLLA_URI").unwrap_or_default();
+    let points: Vec<String> = uri
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !points.is_empty(),
+        "CHAT_TEST_SCYLLA_URI is not set: these tests need a real CQL node. Run the README's \
+         test command (scripts/test.sh starts Apache Cassandra), or `scripts/cassandra.sh start` \
+         and `export CHAT_TEST_SCYLLA_URI=127.0.0.1:19042`."
+    );
+    points
+}
+
 /// One Cassandra node on 127.0.0.1.
 #[derive(Debug)]
 pub struct CassandraNode {

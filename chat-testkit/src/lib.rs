@@ -12,7 +12,7 @@
 pub mod cassandra;
 pub mod ws;
 
-pub use cassandra::CassandraNode;
+pub use cassandra::{CassandraNode, test_contact_points};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

@@ -28,14 +28,7 @@ fn random_u64() -> u64 {
 const START_WAIT: Duration = Duration::from_secs(90);
 
 fn scylla_uri() -> String {
-    let uri = std::env::var("CHAT_TEST_SCYLLA_URI").unwrap_or_default();
-    assert!(
-        !uri.trim().is_empty(),
-        "CHAT_TEST_SCYLLA_URI is not set: these tests need a real CQL node. Run the README's \
-         test command (scripts/test.sh starts Apache Cassandra), or `scripts/cassandra.sh start` \
-         and `export CHAT_TEST_SCYLLA_URI=127.0.0.1:19042`."
-    );
-    uri
+    chat_testkit::test_contact_points().join(",")
 }
 
 /// One keyspace for this test process (random, so runs never share data).
