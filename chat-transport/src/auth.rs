@@ -87,10 +87,14 @@ pub trait Authenticator: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// The claims read. Optional here so that a token lacking one is refused by the validation
+/// with the claim's name ("token lacks the `sub` claim") rather than as a malformed token.
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
 }
 
 /// HS256 JWT: the user id in `sub`, `exp` required and enforced to the second (no leeway: a
@@ -144,19 +148,27 @@ impl JwtAuth {
                 use jsonwebtoken::errors::ErrorKind;
                 // Say what is wrong without echoing library internals.
                 let why = match e.kind() {
-                    ErrorKind::ExpiredSignature => "token expired",
-                    ErrorKind::ImmatureSignature => "token not valid yet",
-                    ErrorKind::InvalidSignature => "token signature does not match",
-                    ErrorKind::InvalidAudience => "token audience not accepted",
-                    ErrorKind::MissingRequiredClaim(_) => "token lacks sub or exp",
-                    ErrorKind::InvalidAlgorithm => "token must be HS256",
-                    _ => "malformed token",
+                    ErrorKind::ExpiredSignature => "token expired".into(),
+                    ErrorKind::ImmatureSignature => "token not valid yet".into(),
+                    ErrorKind::InvalidSignature => "token signature does not match".into(),
+                    ErrorKind::InvalidAudience => "token audience not accepted".into(),
+                    // Only `sub` and `exp` are required: name the missing one.
+                    ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                        "sub" | "exp" => format!("token lacks the `{claim}` claim"),
+                        _ => "token lacks a required claim".to_owned(),
+                    },
+                    ErrorKind::InvalidAlgorithm => "token must be HS256".into(),
+                    _ => "malformed token".to_owned(),
                 };
                 Error::Unauthorized(why.into())
             })?;
-        let user = UserId::parse(&data.claims.sub)
+        let lacks =
+            |claim: &str| Error::Unauthorized(format!("token lacks the `{claim}` claim").into());
+        let sub = data.claims.sub.ok_or_else(|| lacks("sub"))?;
+        let exp = data.claims.exp.ok_or_else(|| lacks("exp"))?;
+        let user = UserId::parse(&sub)
             .map_err(|_| Error::Unauthorized("token subject is not a valid user id".into()))?;
-        Ok(Credential::new(user).expiring_at(data.claims.exp.saturating_mul(1000)))
+        Ok(Credential::new(user).expiring_at(exp.saturating_mul(1000)))
     }
 
     /// Signs a token for `user` valid for `ttl`.
@@ -169,8 +181,8 @@ impl JwtAuth {
         jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &Claims {
-                sub: user.to_owned(),
-                exp,
+                sub: Some(user.to_owned()),
+                exp: Some(exp),
             },
             &self.encoding,
         )
@@ -227,5 +239,42 @@ impl Authenticator for DevAuth {
             })
             .ok_or_else(|| Error::Unauthorized("dev mode: pass ?user=<id>".into()))?;
         UserId::parse(&user).map_err(|e| Error::Unauthorized(e.to_string().into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A token signed with `secret` carrying exactly `claims`.
+    fn token(secret: &[u8], claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_token_missing_sub_or_exp_is_refused_with_the_claim_named() {
+        let auth = JwtAuth::new(b"s");
+        let later = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        for (claims, named) in [
+            (serde_json::json!({"exp": later}), "`sub`"),
+            (serde_json::json!({"sub": "alice"}), "`exp`"),
+        ] {
+            let err = auth.verify(&token(b"s", claims)).unwrap_err();
+            assert_eq!(err.code(), chat_core::ErrorCode::Unauthorized);
+            assert!(err.to_string().contains(named), "{err} should name {named}");
+        }
+        let ok = token(b"s", serde_json::json!({"sub": "alice", "exp": later}));
+        assert_eq!(auth.verify(&ok).unwrap(), UserId::from("alice"));
     }
 }
