@@ -67,8 +67,8 @@ impl TcpSocket {
 }
 
 impl DirectSocket for TcpSocket {
-    fn wire(&self, frame: &Frame) -> Option<Bytes> {
-        crate::ws::wire(self.codec, frame).cloned()
+    fn wire<'f>(&self, frame: &'f Frame) -> Option<&'f Bytes> {
+        crate::ws::wire(self.codec, frame)
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {

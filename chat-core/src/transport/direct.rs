@@ -30,8 +30,9 @@ pub const MAX_PENDING_CONTROL: usize = 64 * 1024;
 pub trait DirectSocket: Send + Sync + Debug + 'static {
     /// The bytes that carry `frame` on this connection (its codec's encoding, framed), or
     /// `None` when the frame cannot be sent in this codec (it is dropped, as a writer task
-    /// would).
-    fn wire(&self, frame: &Frame) -> Option<Bytes>;
+    /// would). Borrowed from the frame's per-codec cache ([`Frame::prepared_ref`]): a fan-out
+    /// writes the same bytes to every recipient without touching their reference count.
+    fn wire<'f>(&self, frame: &'f Frame) -> Option<&'f Bytes>;
 
     /// One non-blocking write; `WouldBlock` when the socket is full.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
@@ -207,7 +208,7 @@ impl<S: DirectSocket> DirectPath for DirectWriter<S> {
             // Not encodable in this codec: dropped, as on the queued path.
             return true;
         };
-        match self.sock.try_write(&wire) {
+        match self.sock.try_write(wire) {
             Ok(n) if n == wire.len() => {}
             // The rest goes first, by the writer task; the frame counts as written.
             Ok(n) => self.defer(&mut st, wire.slice(n..)),
@@ -252,13 +253,15 @@ mod tests {
     }
 
     impl DirectSocket for Room {
-        fn wire(&self, frame: &Frame) -> Option<Bytes> {
-            match frame.event() {
-                Event::Typing {
-                    conversation_id, ..
-                } => Some(Bytes::from(format!("[{}]", conversation_id.get()))),
-                _ => None,
-            }
+        fn wire<'f>(&self, frame: &'f Frame) -> Option<&'f Bytes> {
+            frame
+                .prepared_ref(0, |event| match event {
+                    Event::Typing {
+                        conversation_id, ..
+                    } => Some(Bytes::from(format!("[{}]", conversation_id.get()))),
+                    _ => None,
+                })
+                .and_then(Option::as_ref)
         }
         fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
             let mut room = self.room.lock().unwrap();
