@@ -1421,6 +1421,13 @@ async fn the_host_posts_a_system_message_that_every_member_device_gets_once() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotMember);
+    // The host's messages meet the same limits as a client's (here: the idempotency key).
+    let err = h
+        .chat
+        .post_message(&UserId::from("alice"), SendMessage::system(conv, "", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Invalid);
 }
 
 #[tokio::test]

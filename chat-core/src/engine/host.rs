@@ -34,13 +34,7 @@ impl Chat {
     /// # Ok(()) }
     /// ```
     pub async fn post_message(&self, sender: &UserId, message: SendMessage) -> Result<Message> {
-        let max_id = self.inner.config.max_client_msg_id_bytes;
-        if message.client_msg_id.is_empty() || message.client_msg_id.len() > max_id {
-            return Err(Error::invalid(format!(
-                "client_msg_id must be 1..={max_id} bytes"
-            )));
-        }
-        self.validate_content(&message)?;
+        self.validate_message(&message)?;
         self.check_reply_to(message.conversation_id, message.reply_to)
             .await?;
         let (_, stored) = self.store_and_fan_out(sender, None, message).await?;

@@ -31,20 +31,21 @@ impl Chat {
 
     /// A client's message within the limits: id length, content size, kind and media.
     fn validate_send(&self, m: &SendMessage) -> Result<()> {
+        if m.kind == MessageKind::System {
+            return Err(Error::invalid("clients cannot send system messages"));
+        }
+        self.validate_message(m)
+    }
+
+    /// Any message, from a client or the host: `client_msg_id` length, content size, kind and
+    /// media.
+    pub(in crate::engine) fn validate_message(&self, m: &SendMessage) -> Result<()> {
         let max_id = self.inner.config.max_client_msg_id_bytes;
         if m.client_msg_id.is_empty() || m.client_msg_id.len() > max_id {
             return Err(Error::invalid(format!(
                 "client_msg_id must be 1..={max_id} bytes"
             )));
         }
-        if m.kind == MessageKind::System {
-            return Err(Error::invalid("clients cannot send system messages"));
-        }
-        self.validate_content(m)
-    }
-
-    /// Content size, kind and media of a message (from a client or the host).
-    pub(in crate::engine) fn validate_content(&self, m: &SendMessage) -> Result<()> {
         self.check_content(&m.content)?;
         match m.kind {
             MessageKind::Image | MessageKind::File if m.media.is_none() => {
