@@ -239,6 +239,27 @@ pub mod u64_string {
     }
 }
 
+/// Serde helper for `Option<u64>` fields that travel as strings in JSON (`null` or absent:
+/// `None`).
+pub mod opt_u64_string {
+    use super::*;
+
+    /// Serializes `Some(v)` as a decimal string, `None` as null.
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Accepts a string, a number or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::u64_string")] u64);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
 /// The wall clock a generator reads, in milliseconds since the Unix epoch. Injectable for tests.
 pub type ClockFn = Arc<dyn Fn() -> u64 + Send + Sync>;
 

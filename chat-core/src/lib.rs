@@ -41,7 +41,7 @@
 //! let ack = alice_out.recv().await.unwrap();
 //! assert!(matches!(ack.event(), Event::MessageAck { seq: 1, .. }));
 //! let msg = bob_out.recv().await.unwrap();
-//! assert!(matches!(msg.event(), Event::Message { message } if message.content == "hi"));
+//! assert!(matches!(msg.event(), Event::Message { message, .. } if message.content == "hi"));
 //! # Ok(()) }
 //! ```
 //!

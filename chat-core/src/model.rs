@@ -96,6 +96,88 @@ pub struct Message {
     pub deleted: bool,
     /// 1 when sent, +1 on every edit or delete.
     pub version: u32,
+    /// Reactions, one entry per key in the order the keys first appeared; empty when none
+    /// (and always empty on a deleted message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<Reaction>,
+}
+
+/// One reaction key on a message and who reacted with it. A user has at most one reaction per
+/// message; the count is `users.len()`, and a client knows whether its own user reacted by
+/// looking for itself in `users`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// The key: an emoji or a short name (1..=[`Reaction::MAX_KEY_BYTES`] bytes, no control
+    /// characters or whitespace).
+    pub key: String,
+    /// The users who reacted with it, in the order they reacted.
+    pub users: Vec<UserId>,
+}
+
+impl Reaction {
+    /// Longest reaction key, in bytes.
+    pub const MAX_KEY_BYTES: usize = 64;
+    /// Most distinct keys on one message.
+    pub const MAX_KEYS: usize = 32;
+
+    /// Checks a reaction key: 1..=64 bytes, no control characters or whitespace.
+    pub fn validate_key(key: &str) -> Result<()> {
+        if key.is_empty()
+            || key.len() > Self::MAX_KEY_BYTES
+            || key.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(Error::invalid(
+                "reaction key must be 1..=64 bytes without whitespace or control characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets (`Some(key)`) or removes (`None`) `user`'s reaction on `m`; returns whether anything
+/// changed. The store-independent rule every backend applies: one reaction per user per
+/// message (a new key replaces the old one), at most [`Reaction::MAX_KEYS`] distinct keys,
+/// none on a deleted message ([`Error::Invalid`]).
+pub fn apply_reaction(m: &mut Message, user: &UserId, key: Option<&str>) -> Result<bool> {
+    if m.deleted {
+        return Err(Error::invalid("message is deleted"));
+    }
+    if let Some(key) = key {
+        Reaction::validate_key(key)?;
+        let current = m.reactions.iter().find(|r| r.users.contains(user));
+        if current.is_some_and(|r| r.key == key) {
+            return Ok(false);
+        }
+        let exists = m.reactions.iter().any(|r| r.key == key);
+        if !exists && m.reactions.len() >= Reaction::MAX_KEYS {
+            // Replacing one's only-user key frees a slot, so count after removal.
+            let frees = current.is_some_and(|r| r.users.len() == 1);
+            if !frees {
+                return Err(Error::invalid(format!(
+                    "a message has at most {} distinct reaction keys",
+                    Reaction::MAX_KEYS
+                )));
+            }
+        }
+    }
+    let mut changed = false;
+    for r in &mut m.reactions {
+        let before = r.users.len();
+        r.users.retain(|u| u != user);
+        changed |= r.users.len() != before;
+    }
+    m.reactions.retain(|r| !r.users.is_empty());
+    if let Some(key) = key {
+        match m.reactions.iter_mut().find(|r| r.key == key) {
+            Some(r) => r.users.push(user.clone()),
+            None => m.reactions.push(Reaction {
+                key: key.to_owned(),
+                users: vec![user.clone()],
+            }),
+        }
+        changed = true;
+    }
+    Ok(changed)
 }
 
 /// What the engine asks a store to append. The store assigns `seq`; `message_id` is a fresh
@@ -139,6 +221,7 @@ impl NewMessage {
             edited_at: None,
             deleted: false,
             version: 1,
+            reactions: Vec::new(),
         }
     }
 }
@@ -166,6 +249,7 @@ impl MessageChange {
             Self::Delete => {
                 m.content.clear();
                 m.media = None;
+                m.reactions.clear();
                 m.deleted = true;
             }
         }
@@ -173,6 +257,94 @@ impl MessageChange {
         m.version += 1;
         Ok(())
     }
+}
+
+/// Where a conversation's change stream is: its epoch and its newest position.
+///
+/// Every change a client renders (a new message, an edit, a delete, a reaction, a member's
+/// marker moving, a member joining or leaving) takes the conversation's next position:
+/// 1, 2, 3, … without gaps. The epoch is random, made with the stream; a different epoch
+/// means a different history (the store lost the stream, or the conversation was recreated),
+/// so a client's position in the old one means nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamPosition {
+    /// The stream's epoch (a JSON string, like ids).
+    #[serde(with = "crate::id::u64_string")]
+    pub epoch: u64,
+    /// The newest position (0 before the first change).
+    pub position: u64,
+}
+
+impl StreamPosition {
+    /// A fresh random epoch (never 0).
+    pub fn new_epoch() -> u64 {
+        loop {
+            let e = getrandom::u64().unwrap_or_else(|_| {
+                // No OS randomness: the clock, mixed, still differs between recreations.
+                crate::time::now_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            }) >> 1;
+            if e != 0 {
+                return e;
+            }
+        }
+    }
+}
+
+/// One entry of a change-stream replay: the **current** state of something that changed after
+/// the client's position, at the position of its latest change. Each thing appears once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A message was sent, edited, deleted or reacted to: its latest version (a tombstone
+    /// when deleted), reactions included.
+    Message {
+        /// Position of the message's latest change.
+        position: u64,
+        /// The message now.
+        message: Message,
+    },
+    /// A member's delivered/read markers moved: where they are now.
+    Markers {
+        /// Position of the latest move.
+        position: u64,
+        /// Whose.
+        user_id: UserId,
+        /// Delivered marker now.
+        delivered: u64,
+        /// Read marker now.
+        read: u64,
+    },
+    /// A user joined or left: whether they are a member now.
+    Membership {
+        /// Position of the latest join or leave.
+        position: u64,
+        /// Who.
+        user_id: UserId,
+        /// Whether they are a member now.
+        member: bool,
+    },
+}
+
+impl Change {
+    /// The position of the change.
+    pub fn position(&self) -> u64 {
+        match self {
+            Self::Message { position, .. }
+            | Self::Markers { position, .. }
+            | Self::Membership { position, .. } => *position,
+        }
+    }
+}
+
+/// A page of a change-stream replay ([`MessageStore::changes_after`](crate::MessageStore::changes_after)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangePage {
+    /// The stream when the page was read.
+    pub stream: StreamPosition,
+    /// Changes after the asked position, in position order, each thing once.
+    pub changes: Vec<Change>,
+    /// `Some(p)` when more changes follow: ask again after `p` (the position the page read
+    /// up to, which may be past the last change returned).
+    pub next: Option<u64>,
 }
 
 /// Direct (two people) or group.

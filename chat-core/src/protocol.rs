@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
-use crate::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
+use crate::model::{
+    Media, Message, MessageKind, PresenceStatus, Reaction, ReceiptKind, StreamPosition,
+};
 
 /// The `message` command: send a message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,11 +151,32 @@ pub enum Command {
         /// Which message.
         message_id: MessageId,
     },
-    /// Replay everything after the given seq of each conversation.
+    /// React to a message: one key per user per message (a new key replaces the old one).
+    React {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Which message.
+        message_id: MessageId,
+        /// An emoji or a short name, 1..=64 bytes.
+        key: String,
+    },
+    /// Remove one's reaction from a message.
+    Unreact {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Which message.
+        message_id: MessageId,
+    },
+    /// Catch up. `streams` (the current form) replays every change after the client's
+    /// position; `conversations` (the seq-only form of older clients) replays new messages
+    /// after a seq. A conversation may be in either map.
     Sync {
-        /// Conversation → last seq the client has (0 for none).
+        /// Conversation → last seq the client has (0 for none): new messages only.
         #[serde(default)]
         conversations: BTreeMap<ConversationId, u64>,
+        /// Conversation → the stream epoch and the last position the client applied.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        streams: BTreeMap<ConversationId, SyncFrom>,
     },
     /// Receive presence of these users: their status now, then every change.
     PresenceSubscribe {
@@ -183,6 +206,8 @@ impl Command {
             Self::Read { .. } => "read",
             Self::Edit { .. } => "edit",
             Self::Delete { .. } => "delete",
+            Self::React { .. } => "react",
+            Self::Unreact { .. } => "unreact",
             Self::Sync { .. } => "sync",
             Self::PresenceSubscribe { .. } => "presence_subscribe",
             Self::PresenceUnsubscribe { .. } => "presence_unsubscribe",
@@ -208,11 +233,17 @@ pub enum Event {
         seq: u64,
         /// Unix milliseconds when stored.
         timestamp: u64,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
-    /// A new message (live or replayed by sync).
+    /// A new message (live), or the latest version of a changed one (replayed by sync).
     Message {
         /// The message.
         message: Message,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
     /// Someone is typing.
     Typing {
@@ -231,24 +262,67 @@ pub enum Event {
         kind: ReceiptKind,
         /// Up to which seq.
         seq: u64,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
     /// A message was edited.
     MessageEdited {
         /// The message after the edit.
         message: Message,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
     /// A message was deleted (tombstone).
     MessageDeleted {
         /// The tombstone.
         message: Message,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
+    },
+    /// Someone set or removed their reaction on a message.
+    Reaction {
+        /// Where.
+        conversation_id: ConversationId,
+        /// Which message.
+        message_id: MessageId,
+        /// Who.
+        user_id: UserId,
+        /// Their key now; absent: they removed their reaction.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        /// The message's reactions after the change.
+        reactions: Vec<Reaction>,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
+    },
+    /// A conversation's history cannot be replayed from the client's position: the stream's
+    /// epoch differs (the store lost it, or the conversation was recreated) or the client is
+    /// too far behind. Drop the local copy, reload it from history, then sync from this
+    /// stream. Sent during a `sync`, before its `sync_done`.
+    Reset {
+        /// Which conversation.
+        conversation_id: ConversationId,
+        /// The stream now: sync from it after reloading.
+        stream: StreamPosition,
+        /// Why.
+        reason: ResetReason,
     },
     /// The end of a sync.
     SyncDone {
-        /// Conversation → latest seq.
+        /// Conversation → latest seq (the seq-only form).
         conversations: BTreeMap<ConversationId, u64>,
-        /// Conversations with more to replay: sync again from the last seq received.
+        /// Conversations with more to replay: sync again from the last seq (or, for
+        /// `streams`, the position) received.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         more: Vec<ConversationId>,
+        /// Conversation → the stream epoch and the position the replay reached (the
+        /// `streams` form; a conversation that got a `reset` is not listed).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        streams: BTreeMap<ConversationId, StreamPosition>,
     },
     /// A user's presence (now, then on every change).
     Presence {
@@ -269,6 +343,9 @@ pub enum Event {
         user_id: UserId,
         /// `joined` or `left`.
         change: MembershipChange,
+        /// The change-stream position this change took (absent from a store without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
     /// The first frame of a connection: who it is, where, until when, and the limits in force.
     Session {
@@ -313,6 +390,8 @@ impl Event {
             Self::Receipt { .. } => "receipt",
             Self::MessageEdited { .. } => "message_edited",
             Self::MessageDeleted { .. } => "message_deleted",
+            Self::Reaction { .. } => "reaction",
+            Self::Reset { .. } => "reset",
             Self::SyncDone { .. } => "sync_done",
             Self::Presence { .. } => "presence",
             Self::Membership { .. } => "membership",
@@ -344,6 +423,32 @@ pub struct SessionLimits {
     /// The burst allowed above `rate_per_second`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
+}
+
+/// Where a `sync` of the `streams` form starts for one conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncFrom {
+    /// The stream epoch the client's position belongs to; absent on a first sync (no check).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::id::opt_u64_string"
+    )]
+    pub epoch: Option<u64>,
+    /// The last position the client applied (0: replay everything the stream holds).
+    #[serde(default)]
+    pub position: u64,
+}
+
+/// Why a `reset` was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetReason {
+    /// The client's epoch is not the stream's: its position belongs to another history.
+    Epoch,
+    /// The client's position is further behind than the server replays
+    /// (`ChatConfig::max_catch_up`), or ahead of the stream.
+    TooFarBehind,
 }
 
 /// Joined or left, in a `membership` event.

@@ -17,6 +17,23 @@
 //!   `NotFound`.
 //! * A direct conversation has exactly its two members: `add_members` of anyone else is
 //!   [`crate::Error::Invalid`] (the engine also refuses member changes on direct conversations).
+//!
+//! # The change stream
+//!
+//! A store that keeps one ([`MessageStore::stream`] returns `Some`) gives every change a
+//! client renders the conversation's next **position**, atomically with the change:
+//! a new message, an edit, a delete, a reaction set or removed, a member's markers moving (one
+//! position per call that moved them), a member joining or leaving. Positions are 1, 2, 3, …
+//! per conversation without gaps and without duplicates, across tasks and nodes; the
+//! conversation's creation is position 0. A change that changes nothing (a retried append, a
+//! marker that did not move, the same reaction again) takes no position. The store returns the
+//! position with the change; [`MessageStore::changes_after`] replays the current state of
+//! everything whose latest change is after a position, each thing once, in position order.
+//! The stream's **epoch** is random and made with the stream; a store that loses a stream
+//! (or whose conversation is recreated) makes a new one with a new epoch.
+//!
+//! Positions are `None` from a store without a change stream (then `changes_after` and
+//! `stream` return `None` and the engine's `sync` replays new messages by seq only).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -27,7 +44,7 @@ use crate::error::Result;
 use crate::id::{ConversationId, MessageId, UserId};
 use crate::model::{
     Conversation, ConversationView, Member, Message, MessageChange, NewConversation, NewMessage,
-    Page, ReceiptKind,
+    ChangePage, Page, ReceiptKind, StreamPosition,
 };
 
 /// The outcome of [`MessageStore::append`].
@@ -37,6 +54,28 @@ pub struct Appended {
     pub message: Message,
     /// True when `(conversation, sender, client_msg_id)` was already stored.
     pub duplicate: bool,
+    /// The change-stream position the append took; `None` for a duplicate (it took none) and
+    /// from a store without a change stream.
+    pub position: Option<u64>,
+}
+
+/// The outcome of [`MessageStore::change_message`] and [`MessageStore::react`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageUpdate {
+    /// The message after the call.
+    pub message: Message,
+    /// The position the change took: `None` when nothing changed (the same reaction again) or
+    /// from a store without a change stream.
+    pub position: Option<u64>,
+}
+
+/// A member who joined ([`MessageStore::add_members`]) or left ([`MessageStore::remove_member`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipUpdate {
+    /// Who.
+    pub user_id: UserId,
+    /// The position the change took (`None` from a store without a change stream).
+    pub position: Option<u64>,
 }
 
 /// The outcome of [`MessageStore::set_marker`].
@@ -46,6 +85,9 @@ pub struct MarkerUpdate {
     pub seq: u64,
     /// Whether the call moved it.
     pub moved: bool,
+    /// The position the move took (`None` when it did not move, or from a store without a
+    /// change stream).
+    pub position: Option<u64>,
 }
 
 /// Durable storage of conversations and their timelines.
@@ -66,7 +108,8 @@ pub trait MessageStore: Send + Sync + Debug + 'static {
     -> Result<Option<Message>>;
 
     /// Edits or deletes a message of `by`: [`crate::Error::Forbidden`] when `by` is not the
-    /// sender, [`crate::Error::NotFound`] when there is no such message. Bumps `version`.
+    /// sender, [`crate::Error::NotFound`] when there is no such message. Bumps `version`; a
+    /// delete also removes the reactions.
     async fn change_message(
         &self,
         conversation: ConversationId,
@@ -74,7 +117,45 @@ pub trait MessageStore: Send + Sync + Debug + 'static {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message>;
+    ) -> Result<MessageUpdate>;
+
+    /// Sets (`Some(key)`) or removes (`None`) `user`'s reaction on a message, by the rule of
+    /// [`crate::model::apply_reaction`] (one per user per message, a new key replacing the
+    /// old one). Does not bump `version`. [`crate::Error::NotFound`] for no such message,
+    /// [`crate::Error::NotMember`] when `user` is not a member, [`crate::Error::Invalid`] for
+    /// a deleted message, a bad key or too many keys.
+    ///
+    /// The default refuses: a store without a change stream keeps no reactions.
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        let _ = (conversation, id, user, key);
+        Err(crate::Error::invalid("this message store keeps no reactions"))
+    }
+
+    /// The conversation's change stream now, `None` for a store without one.
+    /// [`crate::Error::NotFound`] for an unknown conversation.
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        self.last_seq(conversation).await.map(|_| None)
+    }
+
+    /// Up to `limit` changes whose latest position is after `after`, in position order, each
+    /// as the current state of what changed (see [`crate::model::Change`]), with the stream
+    /// as it was when read. `None` for a store without a change stream.
+    /// [`crate::Error::NotFound`] for an unknown conversation.
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        let _ = (after, limit);
+        self.last_seq(conversation).await.map(|_| None)
+    }
 
     /// Up to `limit` messages with `seq < before` (all when `None`), newest first.
     async fn history(
@@ -109,16 +190,21 @@ pub trait MessageStore: Send + Sync + Debug + 'static {
     /// One member entry (the hot-path membership check).
     async fn member(&self, conversation: ConversationId, user: &UserId) -> Result<Option<Member>>;
 
-    /// Adds members (role `member`); returns the users that were not members before.
+    /// Adds members (role `member`); returns the users that were not members before, each
+    /// with the position their join took.
     async fn add_members(
         &self,
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>>;
+    ) -> Result<Vec<MembershipUpdate>>;
 
-    /// Removes a member; returns whether they were one.
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool>;
+    /// Removes a member; returns `None` when they were not one.
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>>;
 
     /// Every conversation the user is a member of (unordered).
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>>;
@@ -168,10 +254,30 @@ impl<T: MessageStore + ?Sized> MessageStore for Arc<T> {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message> {
+    ) -> Result<MessageUpdate> {
         (**self)
             .change_message(conversation, id, by, change, now)
             .await
+    }
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        (**self).react(conversation, id, user, key).await
+    }
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        (**self).stream(conversation).await
+    }
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        (**self).changes_after(conversation, after, limit).await
     }
     async fn history(
         &self,
@@ -206,10 +312,14 @@ impl<T: MessageStore + ?Sized> MessageStore for Arc<T> {
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
+    ) -> Result<Vec<MembershipUpdate>> {
         (**self).add_members(conversation, users, now).await
     }
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>> {
         (**self).remove_member(conversation, user).await
     }
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {

@@ -84,7 +84,7 @@ async fn a_direct_chat_across_nodes_carries_messages_typing_and_receipts() {
     assert_eq!(seq, 1);
     for client in [&mut bob_phone, &mut bob_laptop, &mut alice_tablet] {
         match next(client).await {
-            Event::Message { message } => assert_eq!(message.message_id, id),
+            Event::Message { message, .. } => assert_eq!(message.message_id, id),
             other => panic!("{other:?}"),
         }
     }
@@ -142,7 +142,7 @@ async fn a_500_member_group_reaches_every_device_once_in_seq_order() {
         let mut seqs = Vec::new();
         for _ in 0..MESSAGES {
             match next(client).await {
-                Event::Message { message } => seqs.push(message.seq),
+                Event::Message { message, .. } => seqs.push(message.seq),
                 other => panic!("{other:?}"),
             }
         }
@@ -270,10 +270,11 @@ async fn a_router_gap_makes_clients_resync_and_sync_fills_it() {
     let mut bob = c.connect(1, "bob").await;
     bob.send(Command::Sync {
         conversations: BTreeMap::from([(conv, 0)]),
+        streams: Default::default(),
     })
     .await;
     assert!(
-        matches!(next(&mut bob).await, Event::Message { message } if message.content == "sent during the gap")
+        matches!(next(&mut bob).await, Event::Message { message, .. } if message.content == "sent during the gap")
     );
     assert!(matches!(next(&mut bob).await, Event::SyncDone { .. }));
 }

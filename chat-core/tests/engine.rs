@@ -31,7 +31,7 @@ async fn message_is_acked_after_it_is_in_history_and_reaches_members() {
     assert_eq!(hist[0].sender_id, UserId::from("alice"));
 
     match next(&mut bob).await {
-        Event::Message { message } => {
+        Event::Message { message, .. } => {
             assert_eq!(message.message_id, id);
             assert_eq!(message.content, "hello");
             assert_eq!(message.version, 1);
@@ -209,7 +209,7 @@ async fn concurrent_senders_get_gap_free_seqs_and_every_ack_is_stored() {
     let mut seen = HashSet::new();
     while seen.len() < total {
         match next(&mut observer).await {
-            Event::Message { message } => {
+            Event::Message { message, .. } => {
                 assert!(seen.insert(message.message_id), "delivered twice");
                 assert_eq!(message.seq, expected_seq, "live delivery out of seq order");
                 expected_seq += 1;
@@ -255,7 +255,7 @@ async fn every_device_of_every_member_gets_the_message() {
     let (id, _) = send_ok(&mut a1, conv, "k", "hi").await;
     for c in [&mut a2, &mut b1, &mut b2] {
         match next(c).await {
-            Event::Message { message } => assert_eq!(message.message_id, id),
+            Event::Message { message, .. } => assert_eq!(message.message_id, id),
             other => panic!("expected message, got {other:?}"),
         }
     }
@@ -288,7 +288,7 @@ async fn media_messages_and_replies_carry_their_metadata() {
         .await;
     expect(&mut alice, "ack", |e| matches!(e, Event::MessageAck { .. })).await;
     match next(&mut bob).await {
-        Event::Message { message } => {
+        Event::Message { message, .. } => {
             assert_eq!(message.kind, MessageKind::Image);
             assert_eq!(message.media, Some(media));
             assert_eq!(message.reply_to, Some(first));
@@ -610,7 +610,8 @@ async fn receipts_reach_other_members_and_the_readers_other_devices() {
                 conversation_id: conv,
                 user_id: UserId::from("bob"),
                 kind: ReceiptKind::Delivered,
-                seq: 3
+                seq: 3,
+                position: None,
             }
         );
         assert_eq!(
@@ -619,7 +620,8 @@ async fn receipts_reach_other_members_and_the_readers_other_devices() {
                 conversation_id: conv,
                 user_id: UserId::from("bob"),
                 kind: ReceiptKind::Read,
-                seq: 2
+                seq: 2,
+                position: None,
             }
         );
     }
@@ -716,7 +718,7 @@ async fn edit_and_delete_are_sender_only_versioned_and_broadcast() {
     .await;
     for c in [&mut a1, &mut a2, &mut bob] {
         match next(c).await {
-            Event::MessageEdited { message } => {
+            Event::MessageEdited { message, .. } => {
                 assert_eq!(message.content, "second");
                 assert_eq!(message.version, 2);
                 assert!(message.edited_at.is_some());
@@ -750,7 +752,7 @@ async fn edit_and_delete_are_sender_only_versioned_and_broadcast() {
     })
     .await;
     match next(&mut bob).await {
-        Event::MessageDeleted { message } => {
+        Event::MessageDeleted { message, .. } => {
             assert!(message.deleted);
             assert!(message.content.is_empty());
             assert_eq!(message.version, 3);
@@ -808,11 +810,12 @@ async fn sync_after_a_missed_stretch_replays_everything_in_order() {
         rounds += 1;
         bob.send(Command::Sync {
             conversations: cursor.clone(),
+            streams: Default::default(),
         })
         .await;
         let done = loop {
             match next(&mut bob).await {
-                Event::Message { message } => {
+                Event::Message { message, .. } => {
                     let c = cursor.get_mut(&message.conversation_id).unwrap();
                     assert_eq!(message.seq, *c + 1, "sync out of order or with a gap");
                     *c = message.seq;
@@ -822,6 +825,7 @@ async fn sync_after_a_missed_stretch_replays_everything_in_order() {
                 Event::SyncDone {
                     conversations,
                     more,
+                    ..,
                 } => break (conversations, more),
                 other => panic!("{other:?}"),
             }
@@ -849,10 +853,11 @@ async fn sync_after_a_missed_stretch_replays_everything_in_order() {
     // Sync from 0 includes the deleted first message as a tombstone.
     bob.send(Command::Sync {
         conversations: BTreeMap::from([(conv, 0)]),
+        streams: Default::default(),
     })
     .await;
     match next(&mut bob).await {
-        Event::Message { message } => {
+        Event::Message { message, .. } => {
             assert_eq!(message.seq, 1);
             assert!(message.deleted && message.content.is_empty());
         }
@@ -867,13 +872,15 @@ async fn empty_sync_is_a_cheap_barrier() {
     alice
         .send(Command::Sync {
             conversations: BTreeMap::new(),
+            streams: Default::default(),
         })
         .await;
     assert_eq!(
         next(&mut alice).await,
         Event::SyncDone {
             conversations: BTreeMap::new(),
-            more: vec![]
+            more: vec![],
+            streams: Default::default(),
         }
     );
 }
@@ -1004,6 +1011,7 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
         conversation_id: conv,
         user_id: carol_id.clone(),
         change: chat_core::protocol::MembershipChange::Joined,
+        ..,
     };
     assert_eq!(next(&mut carol).await, joined);
     assert_eq!(next(&mut bob).await, joined);
@@ -1011,7 +1019,7 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
     let mut owner = h.connect("owner").await;
     send_ok(&mut owner, conv, "1", "welcome").await;
     assert!(
-        matches!(next(&mut carol).await, Event::Message { message } if message.content == "welcome")
+        matches!(next(&mut carol).await, Event::Message { message, .. } if message.content == "welcome")
     );
     bob.drain();
 
@@ -1030,6 +1038,7 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
         conversation_id: conv,
         user_id: carol_id.clone(),
         change: chat_core::protocol::MembershipChange::Left,
+        ..,
     };
     assert_eq!(next(&mut carol).await, left);
     assert_eq!(next(&mut bob).await, left);
@@ -1110,7 +1119,7 @@ async fn a_slow_consumer_is_disconnected_while_others_keep_receiving() {
     for i in 0..20 {
         send_ok(&mut alice, conv, &format!("m{i}"), "x").await;
         match next(&mut fast).await {
-            Event::Message { message } => assert_eq!(message.seq, i + 1),
+            Event::Message { message, .. } => assert_eq!(message.seq, i + 1),
             other => panic!("{other:?}"),
         }
     }
@@ -1146,7 +1155,7 @@ async fn replies_and_fan_out_share_one_ordered_queue_with_separate_bounds() {
     for i in 0..20 {
         busy.send(text(conv, &format!("b{i}"), "x")).await;
         match next(&mut alice).await {
-            Event::Message { message } => assert_eq!(message.seq, i + 1),
+            Event::Message { message, .. } => assert_eq!(message.seq, i + 1),
             other => panic!("{other:?}"),
         }
     }
@@ -1169,7 +1178,7 @@ async fn replies_and_fan_out_share_one_ordered_queue_with_separate_bounds() {
     let live: Vec<u64> = got
         .iter()
         .filter_map(|e| match e {
-            Event::Message { message } => Some(message.seq),
+            Event::Message { message, .. } => Some(message.seq),
             _ => None,
         })
         .collect();
@@ -1319,6 +1328,7 @@ async fn presence_unsubscribe_stops_updates_and_limits_are_enforced() {
     alice
         .send(Command::Sync {
             conversations: BTreeMap::new(),
+            streams: Default::default(),
         })
         .await;
     assert!(matches!(next(&mut alice).await, Event::SyncDone { .. }));
@@ -1337,6 +1347,7 @@ async fn members_learn_about_a_new_conversation_without_polling() {
                 conversation_id: conv,
                 user_id: UserId::from(who),
                 change: chat_core::protocol::MembershipChange::Joined,
+                position: None,
             }
         );
         // Only their own joining, not every other member's (O(members) per device, not O(n²)).
@@ -1392,7 +1403,7 @@ async fn the_host_posts_a_system_message_that_every_member_device_gets_once() {
     // Every member device, the posting user's own included (there is no sending socket).
     for c in [&mut alice, &mut bob] {
         match next(c).await {
-            Event::Message { message } => assert_eq!(message, posted),
+            Event::Message { message, .. } => assert_eq!(message, posted),
             other => panic!("expected the notice, got {other:?}"),
         }
     }

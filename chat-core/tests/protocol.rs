@@ -68,7 +68,8 @@ fn client_frames_decode_from_the_documented_json() {
             conversations: BTreeMap::from([
                 (ConversationId::from_raw(7), 3),
                 (ConversationId::from_raw(8), 0)
-            ])
+            ]),
+            streams: Default::default(),
         }
     );
     let p: Command =
@@ -102,13 +103,14 @@ fn server_frames_encode_to_the_documented_json() {
         message_id: MessageId::from_raw(9_007_199_254_740_993),
         seq: 3,
         timestamp: 1_700_000_000_000,
+        ..,
     };
     assert_eq!(
         serde_json::to_value(&ack).unwrap(),
         json!({"type": "message_ack", "client_msg_id": "c-1", "conversation_id": "7",
                "message_id": "9007199254740993", "seq": 3, "timestamp": 1_700_000_000_000u64})
     );
-    let msg = serde_json::to_value(Event::Message { message: message() }).unwrap();
+    let msg = serde_json::to_value(Event::Message { message: message(), .. }).unwrap();
     assert_eq!(msg["type"], "message");
     assert_eq!(msg["message"]["message_id"], "9007199254740993");
     assert_eq!(msg["message"]["kind"], "image");
@@ -138,6 +140,7 @@ fn server_frames_encode_to_the_documented_json() {
         user_id: UserId::from("bob"),
         kind: ReceiptKind::Read,
         seq: 2,
+        ..,
     };
     assert_eq!(
         serde_json::to_value(&receipt).unwrap(),
@@ -146,6 +149,7 @@ fn server_frames_encode_to_the_documented_json() {
     let done = Event::SyncDone {
         conversations: BTreeMap::from([(ConversationId::from_raw(7), 3)]),
         more: vec![],
+        ..,
     };
     assert_eq!(
         serde_json::to_value(&done).unwrap(),
@@ -155,7 +159,7 @@ fn server_frames_encode_to_the_documented_json() {
 
 #[test]
 fn frames_cache_one_encoding_per_codec() {
-    let frame = chat_core::Frame::new(Event::Message { message: message() });
+    let frame = chat_core::Frame::new(Event::Message { message: message(), .. });
     let mut calls = 0;
     let a = frame.encoded(0, |e| {
         calls += 1;
@@ -178,13 +182,14 @@ fn arb_event() -> impl Strategy<Value = Event> {
             message_id: MessageId::from_raw(i.wrapping_mul(31)),
             seq,
             timestamp: seq / 2,
+            position: None,
         }),
         (id, ".{0,40}", any::<bool>()).prop_map(|(i, content, deleted)| {
             let mut m = message();
             m.message_id = MessageId::from_raw(i);
             m.content = content;
             m.deleted = deleted;
-            Event::Message { message: m }
+            Event::Message { message: m, position: None }
         }),
         (id, "[a-z]{1,10}").prop_map(|(i, u)| Event::Typing {
             conversation_id: ConversationId::from_raw(i),
@@ -200,6 +205,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                     .map(|(k, v)| (ConversationId::from_raw(k), v))
                     .collect(),
                 more: vec![],
+                streams: Default::default(),
             }),
     ]
 }
@@ -233,7 +239,7 @@ proptest! {
 
 #[test]
 fn frames_cache_one_prepared_value_per_slot() {
-    let frame = chat_core::Frame::new(Event::Message { message: message() });
+    let frame = chat_core::Frame::new(Event::Message { message: message(), .. });
     let mut calls = 0;
     let a: Option<std::sync::Arc<str>> = frame.prepared(1, |_| {
         calls += 1;

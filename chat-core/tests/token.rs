@@ -84,6 +84,7 @@ async fn no_command_succeeds_after_expiry_and_nothing_is_stored_or_delivered() {
         },
         Command::Sync {
             conversations: Default::default(),
+            streams: Default::default(),
         },
         Command::Refresh {
             token: "anything".into(),

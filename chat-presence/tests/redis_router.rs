@@ -273,7 +273,7 @@ async fn two_engines_chat_and_see_presence_through_redis() {
     })
     .await;
     assert!(
-        matches!(&got, Event::Message { message } if message.content == "hello across nodes" && message.seq == 1),
+        matches!(&got, Event::Message { message, .. } if message.content == "hello across nodes" && message.seq == 1),
         "{got:?}"
     );
 

@@ -508,7 +508,7 @@ async fn cql_two_engines_on_one_keyspace_ack_only_stored_gap_free_messages() {
                     Some(Event::MessageAck {
                         seq, message_id, ..
                     }) => acks.push((seq, message_id)),
-                    Some(Event::Message { message }) => {
+                    Some(Event::Message { message, .. }) => {
                         live.insert(message.seq, message.message_id);
                     }
                     Some(Event::Error { .. }) => panic!("{name}: error event"),
@@ -558,12 +558,13 @@ async fn cql_two_engines_on_one_keyspace_ack_only_stored_gap_free_messages() {
     alice_client
         .send(Command::Sync {
             conversations: BTreeMap::from([(conv, 0)]),
+            streams: Default::default(),
         })
         .await;
     let mut replay = Vec::new();
     loop {
         match alice_client.recv_timeout(Duration::from_secs(30)).await {
-            Some(Event::Message { message }) => replay.push(message),
+            Some(Event::Message { message, .. }) => replay.push(message),
             Some(Event::SyncDone { .. }) => break,
             Some(_) => {}
             None => panic!("sync timed out"),

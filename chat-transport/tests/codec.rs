@@ -106,6 +106,7 @@ fn all_commands() -> Vec<Command> {
         },
         Command::Sync {
             conversations: BTreeMap::new(),
+            streams: Default::default(),
         },
         Command::Sync {
             conversations: BTreeMap::from([
@@ -113,6 +114,7 @@ fn all_commands() -> Vec<Command> {
                 (ConversationId::from_raw(0), 0),
                 (ConversationId::from_raw(1), 5),
             ]),
+            streams: Default::default(),
         },
         Command::PresenceSubscribe {
             user_ids: vec![UserId::from("a"), UserId::from("ü 🚀")],
@@ -140,6 +142,7 @@ fn all_events() -> Vec<Event> {
             message_id: MessageId::from_raw(u64::MAX),
             seq: 1,
             timestamp: u64::MAX,
+            position: None,
         },
         Event::MessageAck {
             client_msg_id: String::new(),
@@ -147,12 +150,15 @@ fn all_events() -> Vec<Event> {
             message_id: MessageId::from_raw(0),
             seq: 0,
             timestamp: 0,
+            position: None,
         },
         Event::Message {
             message: message(1, false, false),
+            position: None,
         },
         Event::Message {
             message: message(u64::MAX, true, false),
+            position: None,
         },
         Event::Typing {
             conversation_id: c,
@@ -163,26 +169,32 @@ fn all_events() -> Vec<Event> {
             user_id: UserId::from("bob"),
             kind: ReceiptKind::Delivered,
             seq: 3,
+            position: None,
         },
         Event::Receipt {
             conversation_id: c,
             user_id: UserId::from("bob"),
             kind: ReceiptKind::Read,
             seq: u64::MAX,
+            position: None,
         },
         Event::MessageEdited {
             message: message(3, false, true),
+            position: None,
         },
         Event::MessageDeleted {
             message: message(4, true, true),
+            position: None,
         },
         Event::SyncDone {
             conversations: BTreeMap::from([(c, 10), (ConversationId::from_raw(u64::MAX), 0)]),
             more: vec![c, ConversationId::from_raw(u64::MAX)],
+            streams: Default::default(),
         },
         Event::SyncDone {
             conversations: BTreeMap::new(),
             more: vec![],
+            streams: Default::default(),
         },
         Event::Presence {
             user_id: UserId::from("bob"),
@@ -203,11 +215,13 @@ fn all_events() -> Vec<Event> {
             conversation_id: ConversationId::from_raw(u64::MAX),
             user_id: UserId::from("carol"),
             change: chat_core::protocol::MembershipChange::Joined,
+            position: None,
         },
         Event::Membership {
             conversation_id: ConversationId::from_raw(0),
             user_id: UserId::from("carol"),
             change: chat_core::protocol::MembershipChange::Left,
+            position: None,
         },
         Event::Session {
             user_id: UserId::from("ålice"),
@@ -382,6 +396,7 @@ fn the_json_codec_speaks_the_documented_wire_format() {
 fn a_frame_is_encoded_once_per_codec() {
     let frame = Frame::new(Event::Message {
         message: message(7, true, false),
+        ..,
     });
     for codec in CODECS {
         let a = codec.encode_frame(&frame);
@@ -581,6 +596,7 @@ fn protobuf_rejects_what_it_cannot_represent() {
     // Unspecified or unknown enums where a value is required.
     let message = pb::ServerFrame::from(&Event::Message {
         message: message(1, false, false),
+        ..,
     });
     let Some(SF::Message(mut m)) = message.frame else {
         panic!()
@@ -792,7 +808,7 @@ fn arb_command() -> BoxedStrategy<Command> {
             conversation_id,
             message_id
         }),
-        arb_seq_map().prop_map(|conversations| Command::Sync { conversations }),
+        arb_seq_map().prop_map(|conversations| Command::Sync { conversations, streams: Default::default() }),
         prop::collection::vec(arb_user(), 0..5)
             .prop_map(|user_ids| Command::PresenceSubscribe { user_ids }),
         prop::collection::vec(arb_user(), 0..5)
@@ -865,10 +881,11 @@ fn arb_event() -> BoxedStrategy<Event> {
                         message_id,
                         seq,
                         timestamp,
+                        position: None,
                     }
                 }
             ),
-        arb_message().prop_map(|message| Event::Message { message }),
+        arb_message().prop_map(|message| Event::Message { message, position: None }),
         (arb_conv(), arb_user()).prop_map(|(conversation_id, user_id)| Event::Typing {
             conversation_id,
             user_id
@@ -883,14 +900,16 @@ fn arb_event() -> BoxedStrategy<Event> {
                 conversation_id,
                 user_id,
                 kind,
-                seq
+                seq,
+                position: None,
             }),
-        arb_message().prop_map(|message| Event::MessageEdited { message }),
-        arb_message().prop_map(|message| Event::MessageDeleted { message }),
+        arb_message().prop_map(|message| Event::MessageEdited { message, position: None }),
+        arb_message().prop_map(|message| Event::MessageDeleted { message, position: None }),
         (arb_seq_map(), prop::collection::vec(arb_conv(), 0..4)).prop_map(
             |(conversations, more)| Event::SyncDone {
                 conversations,
-                more
+                more,
+                ..,
             }
         ),
         (

@@ -762,13 +762,13 @@ async fn protobuf_clients_and_json_clients_talk_to_each_other() {
     assert_eq!(m["message"]["content"], "from protobuf");
     // bob's other (protobuf) device gets the message as protobuf.
     match decode(bob_by_query.next_message().await) {
-        Event::Message { message } => assert_eq!(message.content, "from protobuf"),
+        Event::Message { message, .. } => assert_eq!(message.content, "from protobuf"),
         other => panic!("{other:?}"),
     }
     // alice (JSON) replies; bob (protobuf) receives the same event in binary.
     alice.send_message(&conv, "js-1", "from json").await;
     match decode(bob.next_message().await) {
-        Event::Message { message } => {
+        Event::Message { message, .. } => {
             assert_eq!(message.content, "from json");
             assert_eq!(message.seq, 2);
         }

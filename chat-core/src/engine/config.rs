@@ -38,6 +38,11 @@ pub struct ChatConfig {
     pub sync_limit: usize,
     /// Most conversations in one `sync` (default 1000).
     pub max_sync_conversations: usize,
+    /// Furthest behind (in change-stream positions) a `sync` of the `streams` form replays;
+    /// a client further behind gets a `reset` and reloads the conversation from history,
+    /// which is cheaper than replaying more changes than a history page holds messages
+    /// (default 10,000).
+    pub max_catch_up: u64,
     /// Largest history page (default 100).
     pub max_page_size: usize,
     /// Most members in a group (default 10,000).
@@ -68,6 +73,7 @@ impl Default for ChatConfig {
             router_inbox: 8192,
             sync_limit: 1000,
             max_sync_conversations: 1000,
+            max_catch_up: 10_000,
             max_page_size: 100,
             max_group_members: 10_000,
             max_presence_watch: 1000,
@@ -89,6 +95,7 @@ impl ChatConfig {
             ("router_inbox", self.router_inbox),
             ("sync_limit", self.sync_limit),
             ("max_sync_conversations", self.max_sync_conversations),
+            ("max_catch_up", usize::try_from(self.max_catch_up).unwrap_or(usize::MAX)),
             ("max_page_size", self.max_page_size),
             ("max_group_members", self.max_group_members),
             ("push_queue", self.push_queue),

@@ -137,6 +137,7 @@ impl Chat {
         user: &UserId,
         joined: bool,
         announce: bool,
+        position: Option<u64>,
     ) {
         self.apply_membership(conversation, user, joined).await;
         let payload = Payload::Membership {
@@ -155,6 +156,7 @@ impl Chat {
             } else {
                 MembershipChange::Left
             },
+            position,
         };
         if announce {
             self.broadcast(

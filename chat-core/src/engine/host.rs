@@ -43,7 +43,7 @@ impl Chat {
             Stored::New(frame) => {
                 self.fan_out_beyond_node(&frame, None).await;
                 match frame.event() {
-                    Event::Message { message } => Ok(message.clone()),
+                    Event::Message { message, .. } => Ok(message.clone()),
                     _ => Err(Error::internal("a stored message without its frame")),
                 }
             }
@@ -105,7 +105,8 @@ impl Chat {
             // Each member's devices learn about the new conversation; the members are not
             // told about each other (that would be O(members²) frames for a big group).
             for m in &conversation.members {
-                self.membership_changed(id, &m.user_id, true, false).await;
+                self.membership_changed(id, &m.user_id, true, false, None)
+                    .await;
             }
         }
         self.conversation_view(creator, conversation.id).await
@@ -231,9 +232,10 @@ impl Chat {
             .add_members(conversation, users, now_ms())
             .await?;
         for u in &added {
-            self.membership_changed(conversation, u, true, true).await;
+            self.membership_changed(conversation, &u.user_id, true, true, u.position)
+                .await;
         }
-        Ok(added)
+        Ok(added.into_iter().map(|u| u.user_id).collect())
     }
 
     /// Removes a member from a group: anyone may remove themself; owners and admins may remove
@@ -255,11 +257,12 @@ impl Chat {
             }
         }
         let removed = inner.store.remove_member(conversation, user).await?;
-        if removed {
-            self.membership_changed(conversation, user, false, true)
-                .await;
-        }
-        Ok(removed)
+        let Some(removed) = removed else {
+            return Ok(false);
+        };
+        self.membership_changed(conversation, user, false, true, removed.position)
+            .await;
+        Ok(true)
     }
 
     /// Presence of these users (debounced status, last seen).

@@ -1,7 +1,7 @@
 //! In-memory [`MessageStore`]: the embedded default.
 
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::BuildHasher;
@@ -16,10 +16,11 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::id::{ConversationId, MessageId, UserId};
 use crate::model::{
-    Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
-    NewConversation, NewMessage, Page, ReceiptKind, Role, direct_key,
+    Change, ChangePage, Conversation, ConversationKind, ConversationView, Member, Message,
+    MessageChange, NewConversation, NewMessage, Page, ReceiptKind, Role, StreamPosition,
+    apply_reaction, direct_key,
 };
-use crate::store::{Appended, MarkerUpdate, MessageStore};
+use crate::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 
 /// Number of conversation-map shards and user-index shards (a power of two).
 const SHARD_BITS: u32 = 6;
@@ -92,6 +93,10 @@ type UserIndex = BTreeSet<(Reverse<u64>, ConversationId)>;
 ///   Lock order: direct-pair map → conversation map shard → conversation → user index shard.
 /// * Unread counts are O(log n): per sender the sorted seqs of their messages and of their
 ///   deleted messages, plus the sorted seqs of all deleted messages.
+/// * The change stream is compacted: each thing that changed (a message, a member's markers,
+///   a member's membership) has one entry, at the position of its latest change, in a map
+///   ordered by position. A replay is a range read of that map; its memory is one entry per
+///   message plus two per member who ever changed, whatever the number of changes.
 ///
 /// # Semantics beyond the trait
 ///
@@ -161,6 +166,17 @@ struct MemberSlot {
     order: u64,
 }
 
+/// What a change-stream entry points at.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Item {
+    /// The message at this seq.
+    Message(u64),
+    /// A member's markers.
+    Markers(UserId),
+    /// A member's membership.
+    Membership(UserId),
+}
+
 /// One conversation.
 #[derive(Debug)]
 struct ConvState {
@@ -182,6 +198,12 @@ struct ConvState {
     senders: HashMap<UserId, SenderState>,
     /// Seqs of all deleted messages (ascending).
     deleted: Vec<u64>,
+    /// The change stream's epoch and newest position.
+    stream: StreamPosition,
+    /// The compacted change log: position → what changed there (its latest change).
+    changes: BTreeMap<u64, Item>,
+    /// What changed → its entry in `changes`.
+    change_of: HashMap<Item, u64>,
 }
 
 impl ConvState {
@@ -191,6 +213,39 @@ impl ConvState {
 
     fn message_at(&self, seq: u64) -> Option<&Message> {
         self.messages.get(to_index(seq.checked_sub(1)?))
+    }
+
+    /// Gives `item` the next position (moving its entry); returns it.
+    fn record(&mut self, item: Item) -> u64 {
+        self.stream.position += 1;
+        let position = self.stream.position;
+        if let Some(old) = self.change_of.insert(item.clone(), position) {
+            self.changes.remove(&old);
+        }
+        self.changes.insert(position, item);
+        position
+    }
+
+    /// The current state of what `item` points at (`None`: nothing to replay, e.g. the
+    /// markers of someone who left).
+    fn resolve(&self, position: u64, item: &Item) -> Option<Change> {
+        match item {
+            Item::Message(seq) => self.message_at(*seq).map(|m| Change::Message {
+                position,
+                message: m.clone(),
+            }),
+            Item::Markers(user) => self.members.get(user).map(|s| Change::Markers {
+                position,
+                user_id: user.clone(),
+                delivered: s.member.last_delivered_seq,
+                read: s.member.last_read_seq,
+            }),
+            Item::Membership(user) => Some(Change::Membership {
+                position,
+                user_id: user.clone(),
+                member: self.members.contains_key(user),
+            }),
+        }
     }
 
     fn add_member(&mut self, user: UserId, role: Role, now: u64) {
@@ -387,6 +442,12 @@ impl MemoryStore {
             by_id: HashMap::new(),
             senders: HashMap::new(),
             deleted: Vec::new(),
+            stream: StreamPosition {
+                epoch: StreamPosition::new_epoch(),
+                position: 0,
+            },
+            changes: BTreeMap::new(),
+            change_of: HashMap::new(),
         };
         for (i, user) in users.iter().enumerate() {
             let role = if i == 0 { first_role } else { Role::Member };
@@ -411,17 +472,30 @@ impl MemoryStore {
         Ok(guard.snapshot())
     }
 
-    /// Adds the `users` that are not members yet (role `Member`, markers at `last_seq`) and
-    /// indexes them; returns them.
-    fn add_to(&self, state: &mut ConvState, users: &[UserId], now: u64) -> Vec<UserId> {
+    /// Adds the `users` that are not members yet (role `Member`, markers at `last_seq`),
+    /// gives each join a position and indexes them; returns them.
+    fn add_to(
+        &self,
+        state: &mut ConvState,
+        users: &[UserId],
+        now: u64,
+    ) -> Vec<MembershipUpdate> {
         let mut added = Vec::new();
         for user in users {
             if !state.members.contains_key(user) {
                 state.add_member(user.clone(), Role::Member, now);
-                added.push(user.clone());
+                let position = state.record(Item::Membership(user.clone()));
+                added.push(MembershipUpdate {
+                    user_id: user.clone(),
+                    position: Some(position),
+                });
             }
         }
-        self.update_index(&added, state.id, IndexOp::Insert(state.last_activity));
+        self.update_index(
+            added.iter().map(|a| &a.user_id),
+            state.id,
+            IndexOp::Insert(state.last_activity),
+        );
         added
     }
 }
@@ -447,6 +521,7 @@ impl MessageStore for MemoryStore {
             return Ok(Appended {
                 message: original.clone(),
                 duplicate: true,
+                position: None,
             });
         }
         if st.by_id.contains_key(&message.message_id) {
@@ -463,6 +538,7 @@ impl MessageStore for MemoryStore {
         let from = st.last_activity;
         st.last_activity = stored.message_id.get();
         st.messages.push(stored.clone());
+        let position = st.record(Item::Message(seq));
         self.update_index(
             st.members.keys(),
             id,
@@ -474,6 +550,7 @@ impl MessageStore for MemoryStore {
         Ok(Appended {
             message: stored,
             duplicate: false,
+            position: Some(position),
         })
     }
 
@@ -498,7 +575,7 @@ impl MessageStore for MemoryStore {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message> {
+    ) -> Result<MessageUpdate> {
         let cell = self.get(conversation)?;
         let mut guard = lock(&cell);
         let st = &mut *guard;
@@ -520,7 +597,75 @@ impl MessageStore for MemoryStore {
             insert_sorted(&mut st.senders.entry(by.clone()).or_default().deleted, seq);
         }
         *current = changed.clone();
-        Ok(changed)
+        let position = st.record(Item::Message(seq));
+        Ok(MessageUpdate {
+            message: changed,
+            position: Some(position),
+        })
+    }
+
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        let cell = self.get(conversation)?;
+        let mut guard = lock(&cell);
+        let st = &mut *guard;
+        if !st.members.contains_key(user) {
+            return Err(Error::NotMember(conversation));
+        }
+        let not_found = || Error::not_found(format!("message {id} in conversation {conversation}"));
+        let seq = *st.by_id.get(&id).ok_or_else(not_found)?;
+        let current = seq
+            .checked_sub(1)
+            .and_then(|i| st.messages.get_mut(to_index(i)))
+            .ok_or_else(not_found)?;
+        let mut changed = current.clone();
+        if !apply_reaction(&mut changed, user, key)? {
+            return Ok(MessageUpdate {
+                message: changed,
+                position: None,
+            });
+        }
+        *current = changed.clone();
+        let position = st.record(Item::Message(seq));
+        Ok(MessageUpdate {
+            message: changed,
+            position: Some(position),
+        })
+    }
+
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        Ok(Some(lock(&*self.get(conversation)?).stream))
+    }
+
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        let cell = self.get(conversation)?;
+        let st = lock(&cell);
+        let mut entries = st
+            .changes
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit.saturating_add(1));
+        let mut changes = Vec::new();
+        let mut read_to = after;
+        for (&position, item) in entries.by_ref().take(limit) {
+            read_to = position;
+            changes.extend(st.resolve(position, item));
+        }
+        let next = entries.next().map(|_| read_to);
+        Ok(Some(ChangePage {
+            stream: st.stream,
+            changes,
+            next,
+        }))
     }
 
     async fn history(
@@ -603,7 +748,7 @@ impl MessageStore for MemoryStore {
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
+    ) -> Result<Vec<MembershipUpdate>> {
         let cell = self.get(conversation)?;
         let mut st = lock(&cell);
         if let Some(pair) = &st.direct_pair {
@@ -616,14 +761,22 @@ impl MessageStore for MemoryStore {
         Ok(self.add_to(&mut st, users, now))
     }
 
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>> {
         let cell = self.get(conversation)?;
         let mut st = lock(&cell);
         if st.members.remove(user).is_none() {
-            return Ok(false);
+            return Ok(None);
         }
+        let position = st.record(Item::Membership(user.clone()));
         self.update_index([user], conversation, IndexOp::Remove(st.last_activity));
-        Ok(true)
+        Ok(Some(MembershipUpdate {
+            user_id: user.clone(),
+            position: Some(position),
+        }))
     }
 
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
@@ -709,31 +862,23 @@ impl MessageStore for MemoryStore {
             .get_mut(user)
             .ok_or(Error::NotMember(conversation))?
             .member;
-        let update = match kind {
-            ReceiptKind::Read => {
-                let moved = seq > m.last_read_seq;
-                if moved {
-                    m.last_read_seq = seq;
-                }
-                MarkerUpdate {
-                    seq: m.last_read_seq,
-                    moved,
-                }
-            }
-            ReceiptKind::Delivered => {
-                let moved = seq > m.last_delivered_seq;
-                if moved {
-                    m.last_delivered_seq = seq;
-                }
-                MarkerUpdate {
-                    seq: m.last_delivered_seq,
-                    moved,
-                }
-            }
+        let marker = match kind {
+            ReceiptKind::Read => &mut m.last_read_seq,
+            ReceiptKind::Delivered => &mut m.last_delivered_seq,
         };
+        let moved = seq > *marker;
+        if moved {
+            *marker = seq;
+        }
+        let now = *marker;
         // Read implies delivered.
         m.last_delivered_seq = m.last_delivered_seq.max(m.last_read_seq);
-        Ok(update)
+        let position = moved.then(|| st.record(Item::Markers(user.clone())));
+        Ok(MarkerUpdate {
+            seq: now,
+            moved,
+            position,
+        })
     }
 
     async fn unread(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {

@@ -20,7 +20,7 @@ use crate::transport::{CloseReason, Frame, Outbound, Session, SessionOptions};
 /// # async fn main() -> Result<(), chat_core::Error> {
 /// let transport = InProcessTransport::new(Chat::builder().build().await?);
 /// let mut alice = transport.connect("alice").await?;
-/// alice.send(Command::Sync { conversations: Default::default() }).await;
+/// alice.send(Command::Sync { conversations: Default::default(), streams: Default::default() }).await;
 /// assert!(matches!(alice.recv().await, Some(Event::SyncDone { .. })));
 /// # Ok(()) }
 /// ```

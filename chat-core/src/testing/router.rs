@@ -282,6 +282,7 @@ fn numbered(i: u64) -> Payload {
             user_id: UserId::from("ordered"),
             kind: ReceiptKind::Read,
             seq: i,
+            position: None,
         },
         except_user: None,
         except_connection: None,
@@ -458,7 +459,7 @@ where
         .publish(
             &topic,
             Payload::Event {
-                event: Event::Message { message },
+                event: Event::Message { message, position: None },
                 except_user: Some(UserId::from("sender ✓ \"quoted\"")),
                 except_connection: Some(ConnectionId::from_raw(u64::MAX)),
             },

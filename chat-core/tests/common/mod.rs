@@ -125,12 +125,14 @@ pub async fn next(c: &mut InProcessClient) -> Event {
 pub async fn expect_nothing(c: &mut InProcessClient) {
     c.send(Command::Sync {
         conversations: Default::default(),
+        streams: Default::default(),
     })
     .await;
     match tokio::time::timeout(WAIT, c.recv()).await {
         Ok(Some(Event::SyncDone {
             conversations,
             more,
+            streams: Default::default(),
         })) if conversations.is_empty() && more.is_empty() => {}
         Ok(Some(e)) => panic!("{}: unexpected event {e:?}", c.user_id()),
         // Closed (and drained) or the barrier itself never came back: nothing arrived.

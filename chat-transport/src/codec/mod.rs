@@ -367,6 +367,7 @@ mod tests {
             },
             Command::Sync {
                 conversations: Default::default(),
+                streams: Default::default(),
             },
             Command::PresenceSubscribe { user_ids: vec![] },
             Command::PresenceUnsubscribe { user_ids: vec![] },
@@ -396,9 +397,11 @@ mod tests {
                 message_id: m,
                 seq: 1,
                 timestamp: 0,
+                position: None,
             },
             Event::Message {
                 message: message.clone(),
+                position: None,
             },
             Event::Typing {
                 conversation_id: c,
@@ -409,14 +412,17 @@ mod tests {
                 user_id: u.clone(),
                 kind: ReceiptKind::Read,
                 seq: 1,
+                position: None,
             },
             Event::MessageEdited {
                 message: message.clone(),
+                position: None,
             },
-            Event::MessageDeleted { message },
+            Event::MessageDeleted { message, position: None },
             Event::SyncDone {
                 conversations: Default::default(),
                 more: vec![],
+                streams: Default::default(),
             },
             Event::Presence {
                 user_id: u,
@@ -427,6 +433,7 @@ mod tests {
                 conversation_id: Default::default(),
                 user_id: "u".into(),
                 change: chat_core::protocol::MembershipChange::Joined,
+                position: None,
             },
             Event::Session {
                 user_id: "u".into(),

@@ -238,7 +238,7 @@ impl From<&Command> for pb::ClientFrame {
                 conversation_id: conversation_id.get(),
                 message_id: message_id.get(),
             }),
-            Command::Sync { conversations } => CF::Sync(pb::Sync {
+            Command::Sync { conversations, .. } => CF::Sync(pb::Sync {
                 conversations: conversations.iter().map(|(k, v)| (k.get(), *v)).collect(),
             }),
             Command::PresenceSubscribe { user_ids } => CF::PresenceSubscribe(users_to_pb(user_ids)),
@@ -298,6 +298,7 @@ impl TryFrom<pb::ClientFrame> for Command {
                     .into_iter()
                     .map(|(k, v)| (ConversationId::from_raw(k), v))
                     .collect(),
+                streams: Default::default(),
             },
             CF::PresenceSubscribe(u) => Command::PresenceSubscribe {
                 user_ids: users_from_pb(u)?,
@@ -319,6 +320,7 @@ impl From<&Event> for pb::ServerFrame {
                 message_id,
                 seq,
                 timestamp,
+                ..,
             } => SF::MessageAck(pb::MessageAck {
                 client_msg_id: client_msg_id.clone(),
                 conversation_id: conversation_id.get(),
@@ -326,7 +328,7 @@ impl From<&Event> for pb::ServerFrame {
                 seq: *seq,
                 timestamp: *timestamp,
             }),
-            Event::Message { message } => SF::Message(message_to_pb(message)),
+            Event::Message { message, .. } => SF::Message(message_to_pb(message)),
             Event::Typing {
                 conversation_id,
                 user_id,
@@ -339,17 +341,19 @@ impl From<&Event> for pb::ServerFrame {
                 user_id,
                 kind,
                 seq,
+                ..,
             } => SF::Receipt(pb::Receipt {
                 conversation_id: conversation_id.get(),
                 user_id: user_id.to_string(),
                 kind: receipt_kind_to_pb(*kind),
                 seq: *seq,
             }),
-            Event::MessageEdited { message } => SF::MessageEdited(message_to_pb(message)),
-            Event::MessageDeleted { message } => SF::MessageDeleted(message_to_pb(message)),
+            Event::MessageEdited { message, .. } => SF::MessageEdited(message_to_pb(message)),
+            Event::MessageDeleted { message, .. } => SF::MessageDeleted(message_to_pb(message)),
             Event::SyncDone {
                 conversations,
                 more,
+                ..,
             } => SF::SyncDone(pb::SyncDone {
                 conversations: conversations.iter().map(|(k, v)| (k.get(), *v)).collect(),
                 more: more.iter().map(|c| c.get()).collect(),
@@ -367,6 +371,7 @@ impl From<&Event> for pb::ServerFrame {
                 conversation_id,
                 user_id,
                 change,
+                ..,
             } => SF::Membership(pb::Membership {
                 conversation_id: conversation_id.get(),
                 user_id: user_id.to_string(),
@@ -426,9 +431,11 @@ impl TryFrom<pb::ServerFrame> for Event {
                 message_id: MessageId::from_raw(a.message_id),
                 seq: a.seq,
                 timestamp: a.timestamp,
+                position: None,
             },
             SF::Message(m) => Event::Message {
                 message: message_from_pb(m, "message")?,
+                position: None,
             },
             SF::Typing(t) => Event::Typing {
                 conversation_id: ConversationId::from_raw(t.conversation_id),
@@ -439,12 +446,15 @@ impl TryFrom<pb::ServerFrame> for Event {
                 user_id: UserId::from(r.user_id),
                 kind: receipt_kind_from_pb(r.kind)?,
                 seq: r.seq,
+                position: None,
             },
             SF::MessageEdited(m) => Event::MessageEdited {
                 message: message_from_pb(m, "message_edited")?,
+                position: None,
             },
             SF::MessageDeleted(m) => Event::MessageDeleted {
                 message: message_from_pb(m, "message_deleted")?,
+                position: None,
             },
             SF::SyncDone(s) => Event::SyncDone {
                 conversations: s
@@ -453,6 +463,7 @@ impl TryFrom<pb::ServerFrame> for Event {
                     .map(|(k, v)| (ConversationId::from_raw(k), v))
                     .collect(),
                 more: s.more.into_iter().map(ConversationId::from_raw).collect(),
+                streams: Default::default(),
             },
             SF::Presence(p) => Event::Presence {
                 user_id: UserId::from(p.user_id),
@@ -472,6 +483,7 @@ impl TryFrom<pb::ServerFrame> for Event {
                         )));
                     }
                 },
+                position: None,
             },
             SF::Error(e) => Event::Error {
                 code: code_from_pb(e.code)?,

@@ -51,16 +51,17 @@ impl Chat {
         self.require_member(conversation, &conn.user).await?;
         // apply
         let deleted = matches!(change, MessageChange::Delete);
-        let message = self
+        let update = self
             .inner
             .store
             .change_message(conversation, message_id, &conn.user, change, now_ms())
             .await?;
         // fan out: every member device, the editor's own included
+        let (message, position) = (update.message, update.position);
         let event = if deleted {
-            Event::MessageDeleted { message }
+            Event::MessageDeleted { message, position }
         } else {
-            Event::MessageEdited { message }
+            Event::MessageEdited { message, position }
         };
         self.broadcast(Topic::Conversation(conversation), event, None, None)
             .await;

@@ -5,6 +5,7 @@
 
 mod change;
 mod presence;
+mod react;
 mod receipt;
 mod refresh;
 mod send;
@@ -70,7 +71,22 @@ impl Chat {
                 conversation_id,
                 message_id,
             } => self.delete(conn, conversation_id, message_id).await,
-            Command::Sync { conversations } => self.sync(conn, conversations).await,
+            Command::React {
+                conversation_id,
+                message_id,
+                key,
+            } => {
+                self.react(conn, conversation_id, message_id, Some(key))
+                    .await
+            }
+            Command::Unreact {
+                conversation_id,
+                message_id,
+            } => self.react(conn, conversation_id, message_id, None).await,
+            Command::Sync {
+                conversations,
+                streams,
+            } => self.sync(conn, conversations, streams).await,
             Command::PresenceSubscribe { user_ids } => {
                 self.presence_subscribe(conn, user_ids).await
             }

@@ -23,8 +23,11 @@ impl Chat {
             .store
             .set_marker(conversation, &conn.user, kind, seq)
             .await?;
-        // fan out: only a marker that moved, to everyone but the reporting connection
+        // fan out: only a marker that moved, to every member device. The reporting
+        // connection gets it too when it carries a position (it needs every position to
+        // notice a missed change); without a change stream it is left out as before.
         if update.moved {
+            let except = update.position.is_none().then_some(conn.id);
             self.broadcast(
                 Topic::Conversation(conversation),
                 Event::Receipt {
@@ -32,9 +35,10 @@ impl Chat {
                     user_id: conn.user.clone(),
                     kind,
                     seq: update.seq,
+                    position: update.position,
                 },
                 None,
-                Some(conn.id),
+                except,
             )
             .await;
         }

@@ -118,13 +118,17 @@ impl Chat {
             message_id: message.message_id,
             seq: message.seq,
             timestamp: message.created_at,
+            position: appended.position,
         };
         if appended.duplicate {
             return Ok((ack, Stored::Duplicate(Box::new(message))));
         }
         inner.observe(EngineEvent::MessageStored { message: &message });
         inner.typing.reset(sender, conversation);
-        let frame = Arc::new(Frame::new(Event::Message { message }));
+        let frame = Arc::new(Frame::new(Event::Message {
+            message,
+            position: appended.position,
+        }));
         self.fan_out_message(order, except, &Topic::Conversation(conversation), &frame);
         Ok((ack, Stored::New(frame)))
     }
@@ -136,7 +140,7 @@ impl Chat {
         frame: &Frame,
         except: Option<ConnectionId>,
     ) {
-        let Event::Message { message } = frame.event() else {
+        let Event::Message { message, .. } = frame.event() else {
             return;
         };
         let inner = &self.inner;
