@@ -253,11 +253,13 @@ fn all_events() -> Vec<Event> {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
             client_msg_id: Some("k".into()),
+            id: None,
         },
         Event::Error {
             code: ErrorCode::NotMember,
             message: String::new(),
             client_msg_id: None,
+            id: None,
         },
     ]
     .into_iter()
@@ -274,6 +276,7 @@ fn all_events() -> Vec<Event> {
             code,
             message: code.to_string(),
             client_msg_id: Some(String::new()),
+            id: None,
         }),
     )
     .collect()
@@ -930,7 +933,8 @@ fn arb_event() -> BoxedStrategy<Event> {
             .prop_map(|(code, message, client_msg_id)| Event::Error {
                 code,
                 message,
-                client_msg_id
+                client_msg_id,
+                id: None,
             }),
         (
             (arb_user(), any::<u64>(), 0u16..=1023),

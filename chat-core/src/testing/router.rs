@@ -58,7 +58,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
-use crate::model::{Media, Message, MessageKind, ReceiptKind};
+use crate::model::{Media, Message, MessageKind, Reaction, ReceiptKind};
 use crate::protocol::Event;
 use crate::router::{DynRouter, Envelope, Inbound, Payload, Topic};
 
@@ -454,6 +454,10 @@ where
         edited_at: Some(1_717_171_717_999),
         deleted: false,
         version: 2,
+        reactions: vec![Reaction {
+            key: "👍".to_owned(),
+            users: vec![UserId::from("a"), UserId::from("b ✓")],
+        }],
     };
     let event = nodes[0]
         .publish(
