@@ -399,7 +399,7 @@ fn the_json_codec_speaks_the_documented_wire_format() {
 fn a_frame_is_encoded_once_per_codec() {
     let frame = Frame::new(Event::Message {
         message: message(7, true, false),
-        ..,
+        position: None,
     });
     for codec in CODECS {
         let a = codec.encode_frame(&frame);
@@ -599,7 +599,7 @@ fn protobuf_rejects_what_it_cannot_represent() {
     // Unspecified or unknown enums where a value is required.
     let message = pb::ServerFrame::from(&Event::Message {
         message: message(1, false, false),
-        ..,
+        position: None,
     });
     let Some(SF::Message(mut m)) = message.frame else {
         panic!()
@@ -912,7 +912,7 @@ fn arb_event() -> BoxedStrategy<Event> {
             |(conversations, more)| Event::SyncDone {
                 conversations,
                 more,
-                ..,
+                streams: Default::default(),
             }
         ),
         (

@@ -463,7 +463,10 @@ where
         .publish(
             &topic,
             Payload::Event {
-                event: Event::Message { message, position: None },
+                event: Event::Message {
+                    message,
+                    position: None,
+                },
                 except_user: Some(UserId::from("sender ✓ \"quoted\"")),
                 except_connection: Some(ConnectionId::from_raw(u64::MAX)),
             },

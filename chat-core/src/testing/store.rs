@@ -833,7 +833,11 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
         .add_members(conv.id, &[m3.clone(), m1.clone(), m3.clone()], 4242)
         .await
         .unwrap();
-    assert_eq!(user_ids(added), vec![m3.clone()], "only users that were not members");
+    assert_eq!(
+        user_ids(added),
+        vec![m3.clone()],
+        "only users that were not members"
+    );
     let member = store.member(conv.id, &m3).await.unwrap().unwrap();
     assert_eq!(member.role, Role::Member);
     assert_eq!(member.joined_at, 4242);
@@ -1608,25 +1612,28 @@ macro_rules! store_conformance_tests {
             concurrent_appends_keep_conversation_lists_ordered,
         );
     };
-    (@cases (plain) ($factory:expr) $($case:ident),* $(,)?) => {
+    (@cases (plain) ($factory:expr) @in $module:ident $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let store: $crate::store::DynMessageStore = ($factory)().await;
-                $crate::testing::store::$case(&store).await;
+                $crate::testing::$module::$case(&store).await;
             }
         )*
     };
-    (@cases (guard) ($factory:expr) $($case:ident),* $(,)?) => {
+    (@cases (guard) ($factory:expr) @in $module:ident $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 // The guard (e.g. the test server the store talks to) lives until the case ends.
                 let (store, guard): ($crate::store::DynMessageStore, _) = ($factory)().await;
-                $crate::testing::store::$case(&store).await;
+                $crate::testing::$module::$case(&store).await;
                 drop(store);
                 drop(guard);
             }
         )*
+    };
+    (@cases ($mode:ident) ($factory:expr) $($case:ident),* $(,)?) => {
+        $crate::store_conformance_tests!(@cases ($mode) ($factory) @in store $($case),*);
     };
 }

@@ -462,7 +462,10 @@ mod tests {
                 message: message.clone(),
                 position: None,
             },
-            Event::MessageDeleted { message, position: None },
+            Event::MessageDeleted {
+                message,
+                position: None,
+            },
             Event::SyncDone {
                 conversations: Default::default(),
                 more: vec![],

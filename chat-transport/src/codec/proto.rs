@@ -195,10 +195,7 @@ fn message_to_pb(m: &Message, position: Option<u64>) -> pb::MessageEvent {
 }
 
 /// `case` names the `ServerFrame` case in errors. Returns the message and the event's position.
-fn message_from_pb(
-    e: pb::MessageEvent,
-    case: &str,
-) -> Result<(Message, Option<u64>), DecodeError> {
+fn message_from_pb(e: pb::MessageEvent, case: &str) -> Result<(Message, Option<u64>), DecodeError> {
     let position = e.position;
     let m = e.message.ok_or_else(|| {
         invalid(format!(
@@ -424,9 +421,7 @@ impl From<&Event> for pb::ServerFrame {
                 timestamp: *timestamp,
                 position: *position,
             }),
-            Event::Message { message, position } => {
-                SF::Message(message_to_pb(message, *position))
-            }
+            Event::Message { message, position } => SF::Message(message_to_pb(message, *position)),
             Event::Typing {
                 conversation_id,
                 user_id,
