@@ -6,8 +6,11 @@
 //! kept at its highest `version` (a frame of the same version replaces it: reactions change
 //! without a version bump); a `reaction` frame replaces the message's reactions; markers only
 //! move forward and reading up to N also delivers up to N; `membership` sets whether a user
-//! is a member; `reset` drops what the client had of the conversation; `sync_done.streams`
-//! and every `position` move the client's position forward.
+//! is a member; `reset` drops what the client had of the conversation. The client's position
+//! moves only without a hole: a live frame at exactly `position + 1` moves it, one further
+//! ahead is a gap (counted in `gaps`; the next `sync` from the position fills it); frames of
+//! a replay (between [`View::begin_sync`] and the `sync_done`) are compacted, so they move
+//! nothing, and the `sync_done` sets the position to where the replay reached.
 
 use std::collections::BTreeMap;
 
@@ -32,8 +35,12 @@ pub struct ConversationView {
     pub members: BTreeMap<String, bool>,
     /// The stream epoch, once a `sync_done` or `reset` said it.
     pub epoch: Option<String>,
-    /// The highest position applied.
+    /// The position up to which the client has applied every change.
     pub position: u64,
+    /// Live frames that arrived with a position beyond `position + 1` (a missed change).
+    pub gaps: u32,
+    /// A `streams` sync of this conversation is under way.
+    pub syncing: bool,
     /// How many `reset`s the client got.
     pub resets: u32,
 }
@@ -119,12 +126,22 @@ impl View {
                     for (conv, s) in streams {
                         let c = self.conversations.entry(conv.clone()).or_default();
                         c.epoch = s["epoch"].as_str().map(str::to_owned);
-                        c.position = c.position.max(s["position"].as_u64().unwrap_or(0));
+                        c.position = s["position"].as_u64().unwrap_or(0);
+                        c.syncing = false;
                     }
                 }
             }
             _ => {}
         }
+    }
+
+    /// The client sent a `streams` sync of `conversation`: until its `sync_done` (or a
+    /// `reset`), frames are a replay.
+    pub fn begin_sync(&mut self, conversation: &str) {
+        self.conversations
+            .entry(conversation.to_owned())
+            .or_default()
+            .syncing = true;
     }
 
     /// One conversation's view (empty when never heard of).
@@ -135,8 +152,13 @@ impl View {
 
 impl ConversationView {
     fn see(&mut self, frame: &Value) {
-        if let Some(p) = frame["position"].as_u64() {
-            self.position = self.position.max(p);
+        if self.syncing {
+            return;
+        }
+        match frame["position"].as_u64() {
+            Some(p) if p == self.position + 1 => self.position = p,
+            Some(p) if p > self.position + 1 => self.gaps += 1,
+            _ => {}
         }
     }
 

@@ -33,6 +33,7 @@ async fn pump(ws: &mut Ws, view: &mut View) -> Vec<Value> {
 async fn sync_streams(ws: &mut Ws, view: &mut View, conv: &str) -> Vec<Value> {
     let mut frames = Vec::new();
     loop {
+        view.begin_sync(conv);
         let c = view.conversation(conv);
         let mut from = json!({"position": c.position});
         if let Some(epoch) = &c.epoch {
