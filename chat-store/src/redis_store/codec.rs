@@ -4,7 +4,8 @@ use std::borrow::Cow;
 
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    Conversation, ConversationKind, Media, Member, Message, MessageKind, NewMessage, Role,
+    Change, Conversation, ConversationKind, Media, Member, Message, MessageKind, NewMessage,
+    Reaction, Role,
 };
 use chat_core::{Error, Result};
 use chat_redis::redis::Value;
@@ -34,6 +35,8 @@ struct StoredRef<'a> {
     edited_at: Option<u64>,
     deleted: bool,
     version: u32,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    reactions: &'a [Reaction],
 }
 
 /// The owned counterpart of [`StoredRef`], for reading.
@@ -54,6 +57,8 @@ struct Stored {
     edited_at: Option<u64>,
     deleted: bool,
     version: u32,
+    #[serde(default)]
+    reactions: Vec<Reaction>,
 }
 
 fn to_json(stored: &StoredRef<'_>) -> Result<String> {
@@ -75,6 +80,7 @@ pub(super) fn encode_new(m: &NewMessage) -> Result<String> {
         edited_at: None,
         deleted: false,
         version: 1,
+        reactions: &[],
     })
 }
 
@@ -93,6 +99,7 @@ pub(super) fn encode(m: &Message) -> Result<String> {
         edited_at: m.edited_at,
         deleted: m.deleted,
         version: m.version,
+        reactions: &m.reactions,
     })
 }
 
@@ -114,6 +121,7 @@ pub(super) fn decode_message(json: &str, seq: u64) -> Result<Message> {
         edited_at: s.edited_at,
         deleted: s.deleted,
         version: s.version,
+        reactions: s.reactions,
     })
 }
 
@@ -247,6 +255,39 @@ pub(super) fn decode_member(user: UserId, value: &str) -> Result<(Member, u64)> 
     ))
 }
 
+/// One entry of the change log (`m:<seq>`, `k:<user>`, `j:<user>`) at `position`, with the
+/// state the `changes` script read for it; `None` for nothing to replay (the markers of
+/// someone who left).
+pub(super) fn decode_change(item: &str, position: u64, state: Value) -> Result<Option<Change>> {
+    let bad = || corrupt(format!("change log entry {item:?}"));
+    let (kind, id) = item.split_once(':').ok_or_else(bad)?;
+    Ok(match (kind, state) {
+        (_, Value::Nil) if kind != "j" => None,
+        ("m", json) => {
+            let seq = parse_u64(id)?;
+            Some(Change::Message {
+                position,
+                message: decode_message(&string(json)?, seq)?,
+            })
+        }
+        ("k", value) => {
+            let (m, _) = decode_member(UserId::from(id), &string(value)?)?;
+            Some(Change::Markers {
+                position,
+                user_id: m.user_id,
+                delivered: m.last_delivered_seq,
+                read: m.last_read_seq,
+            })
+        }
+        ("j", member) => Some(Change::Membership {
+            position,
+            user_id: UserId::from(id),
+            member: uint(member)? == 1,
+        }),
+        _ => return Err(bad()),
+    })
+}
+
 /// A `{HGETALL conv, HGETALL members}` snapshot.
 pub(super) fn decode_conversation(id: ConversationId, v: Value) -> Result<Conversation> {
     let [conv, members] = tuple::<2>(v)?;
@@ -310,6 +351,16 @@ mod tests {
             edited_at: Some(5),
             deleted: false,
             version: 3,
+            reactions: vec![
+                Reaction {
+                    key: "👍".into(),
+                    users: vec![UserId::from("a:b\"c"), UserId::from("x")],
+                },
+                Reaction {
+                    key: "ok".into(),
+                    users: vec![UserId::from("y")],
+                },
+            ],
         };
         let json = encode(&m).unwrap();
         assert!(!json.contains("\"seq\""), "{json}");
@@ -318,6 +369,14 @@ mod tests {
             "ids as strings: {json}"
         );
         assert_eq!(decode_message(&json, 42).unwrap(), m);
+        // No reactions: no field (the JSON of messages stored before reactions existed).
+        let plain = Message {
+            reactions: Vec::new(),
+            ..m.clone()
+        };
+        let json = encode(&plain).unwrap();
+        assert!(!json.contains("reactions"), "{json}");
+        assert_eq!(decode_message(&json, 42).unwrap(), plain);
 
         let new = NewMessage {
             message_id: m.message_id,
@@ -375,6 +434,34 @@ mod tests {
         );
         assert!(decode_member(UserId::from("u"), "owner:1:2:3").is_err());
         assert!(decode_member(UserId::from("u"), "boss:1:2:3:4").is_err());
+    }
+
+    #[test]
+    fn change_log_entries() {
+        let c = decode_change("k:a:b", 7, Value::BulkString(b"member:1:0:3:5".to_vec()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c,
+            Change::Markers {
+                position: 7,
+                user_id: UserId::from("a:b"),
+                delivered: 5,
+                read: 3
+            }
+        );
+        assert_eq!(decode_change("k:gone", 8, Value::Nil).unwrap(), None);
+        let c = decode_change("j:u", 9, Value::Int(0)).unwrap().unwrap();
+        assert_eq!(
+            c,
+            Change::Membership {
+                position: 9,
+                user_id: UserId::from("u"),
+                member: false
+            }
+        );
+        assert!(decode_change("x:1", 1, Value::Int(1)).is_err());
+        assert!(decode_change("nonsense", 1, Value::Int(1)).is_err());
     }
 
     #[test]

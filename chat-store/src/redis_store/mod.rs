@@ -10,16 +10,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
-    NewConversation, NewMessage, Page, ReceiptKind, direct_key,
+    ChangePage, Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
+    NewConversation, NewMessage, Page, ReceiptKind, StreamPosition, apply_reaction, direct_key,
 };
-use chat_core::store::{Appended, MarkerUpdate, MessageStore};
+use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
 use chat_redis::redis::{self, Value};
 use chat_redis::{RedisConnection, RedisOptions, Script};
 
 use self::codec::{
-    array, decode_conversation, decode_member, decode_message, encode, encode_new,
+    array, decode_change, decode_conversation, decode_member, decode_message, encode, encode_new,
     idempotency_field, messages_with_scores, older_than, parse_entry, parse_u64, string, tuple,
     uint,
 };
@@ -53,6 +53,9 @@ impl Keys {
     }
     fn deleted(&self, id: ConversationId) -> String {
         format!("{}:deleted:{id}", self.prefix)
+    }
+    fn changes(&self, id: ConversationId) -> String {
+        format!("{}:changes:{id}", self.prefix)
     }
     fn sent(&self, id: ConversationId, user: &UserId) -> String {
         format!("{}:sent:{id}:{user}", self.prefix)
@@ -107,6 +110,18 @@ impl fmt::Debug for RedisStore {
             .field("op_timeout", &self.conn.op_timeout())
             .finish_non_exhaustive()
     }
+}
+
+/// The epoch a script gives a conversation's change stream if it has none (a new
+/// conversation, or one whose stream was lost). Made for every call that may record a change:
+/// a random number is cheaper than a round trip to ask whether one is needed.
+fn fresh_epoch() -> String {
+    StreamPosition::new_epoch().to_string()
+}
+
+/// A position returned by a script: 0 means none.
+fn position(v: Value) -> Result<Option<u64>> {
+    Ok(Some(uint(v)?).filter(|&p| p != 0))
 }
 
 /// A `LIMIT` count for Redis (a signed 64-bit integer), saturating.
@@ -167,11 +182,17 @@ impl RedisStore {
     }
 
     /// The stored JSON and seq of a message; `NotFound` for an unknown conversation.
+    /// With `member`, [`Error::NotMember`] (checked before the message is looked up) unless that
+    /// user is a member.
     async fn raw_message(
         &self,
         conversation: ConversationId,
         id: MessageId,
+        member: Option<&UserId>,
     ) -> Result<Option<(u64, String)>> {
+        let (cid, mid) = (conversation.to_string(), id.to_string());
+        let mut args: Vec<&str> = vec![&cid, &mid];
+        args.extend(member.map(UserId::as_str));
         let v = self
             .script(
                 "get message",
@@ -180,8 +201,9 @@ impl RedisStore {
                     &self.keys.conv(conversation),
                     &self.keys.ids(conversation),
                     &self.keys.msgs(conversation),
+                    &self.keys.members(conversation),
                 ],
-                &[&conversation.to_string(), &id.to_string()],
+                &args,
             )
             .await?;
         if v == Value::Nil {
@@ -216,6 +238,69 @@ impl RedisStore {
         }
         messages_with_scores(page)
     }
+
+    /// The compare-and-set loop of `change_message` and `react`: reads the message (checking
+    /// that `member`, if any, is a member), lets `change` turn it into the new version
+    /// (`Ok(None)`: nothing to change), and writes it only if the stored JSON is still what was
+    /// read, re-reading on a concurrent change. The write takes the change's position.
+    async fn update_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        member: Option<&UserId>,
+        mut change: impl FnMut(&Message) -> Result<Option<Message>> + Send,
+    ) -> Result<MessageUpdate> {
+        let cid = conversation.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let (seq, old) = self
+                .raw_message(conversation, id, member)
+                .await?
+                .ok_or_else(|| {
+                    Error::not_found(format!("message {id} in conversation {conversation}"))
+                })?;
+            let current = decode_message(&old, seq)?;
+            let Some(changed) = change(&current)? else {
+                return Ok(MessageUpdate {
+                    message: current,
+                    position: None,
+                });
+            };
+            let new = encode(&changed)?;
+            let deletes = changed.deleted && !current.deleted;
+            let written = self
+                .script(
+                    "replace message",
+                    &scripts::REPLACE_MESSAGE,
+                    &[
+                        &self.keys.msgs(conversation),
+                        &self.keys.deleted(conversation),
+                        &self.keys.sent(conversation, &current.sender_id),
+                        &self.keys.conv(conversation),
+                        &self.keys.members(conversation),
+                        &self.keys.changes(conversation),
+                    ],
+                    &[
+                        &fresh_epoch(),
+                        &cid,
+                        &seq.to_string(),
+                        &old,
+                        &new,
+                        if deletes { "1" } else { "0" },
+                        member.map_or("", UserId::as_str),
+                    ],
+                )
+                .await?;
+            if let Some(position) = position(written)? {
+                return Ok(MessageUpdate {
+                    message: changed,
+                    position: Some(position),
+                });
+            }
+        }
+        Err(Error::Conflict(
+            format!("message {id} kept changing concurrently; try again").into(),
+        ))
+    }
 }
 
 fn unknown(id: ConversationId) -> Error {
@@ -238,8 +323,10 @@ impl MessageStore for RedisStore {
                     &self.keys.ids(id),
                     &self.keys.idem(id),
                     &self.keys.sent(id, &message.sender_id),
+                    &self.keys.changes(id),
                 ],
                 &[
+                    &fresh_epoch(),
                     &id.to_string(),
                     message.sender_id.as_str(),
                     &idempotency_field(&message.sender_id, &message.client_msg_id),
@@ -253,18 +340,20 @@ impl MessageStore for RedisStore {
             return Err(codec::corrupt("append reply"));
         };
         let seq = uint(seq)?;
+        let third = items
+            .next()
+            .ok_or_else(|| codec::corrupt("append reply of two items"))?;
         if uint(flag)? == 0 {
             return Ok(Appended {
                 message: message.into_message(seq),
                 duplicate: false,
+                position: position(third)?,
             });
         }
-        let original = items
-            .next()
-            .ok_or_else(|| codec::corrupt("append reply without the original"))?;
         Ok(Appended {
-            message: decode_message(&string(original)?, seq)?,
+            message: decode_message(&string(third)?, seq)?,
             duplicate: true,
+            position: None,
         })
     }
 
@@ -273,7 +362,7 @@ impl MessageStore for RedisStore {
         conversation: ConversationId,
         id: MessageId,
     ) -> Result<Option<Message>> {
-        self.raw_message(conversation, id)
+        self.raw_message(conversation, id, None)
             .await?
             .map(|(seq, json)| decode_message(&json, seq))
             .transpose()
@@ -286,47 +375,104 @@ impl MessageStore for RedisStore {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message> {
-        // Compare-and-set: read, apply `MessageChange::apply` (the one definition of an edit),
-        // then write only if the stored JSON is still what was read. The sender check needs no
-        // re-check: a message's sender never changes.
-        for _ in 0..CAS_ATTEMPTS {
-            let (seq, old) = self.raw_message(conversation, id).await?.ok_or_else(|| {
-                Error::not_found(format!("message {id} in conversation {conversation}"))
-            })?;
-            let current = decode_message(&old, seq)?;
+    ) -> Result<MessageUpdate> {
+        // Compare-and-set (see `update_message`): `MessageChange::apply` is the one definition
+        // of an edit. The sender check needs no re-check: a message's sender never changes.
+        self.update_message(conversation, id, None, |current| {
             if &current.sender_id != by {
                 return Err(Error::forbidden(
                     "only the sender may edit or delete a message",
                 ));
             }
-            let mut changed = current;
+            let mut changed = current.clone();
             change.apply(&mut changed, now)?;
-            let new = encode(&changed)?;
-            let replaced = self
-                .script(
-                    "replace message",
-                    &scripts::REPLACE_MESSAGE,
-                    &[
-                        &self.keys.msgs(conversation),
-                        &self.keys.deleted(conversation),
-                        &self.keys.sent(conversation, by),
-                    ],
-                    &[
-                        &seq.to_string(),
-                        &old,
-                        &new,
-                        if changed.deleted { "1" } else { "0" },
-                    ],
-                )
-                .await?;
-            if uint(replaced)? == 1 {
-                return Ok(changed);
-            }
+            Ok(Some(changed))
+        })
+        .await
+    }
+
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        // Compare-and-set with `apply_reaction`, the rule every backend applies; the write
+        // checks again that the user is still a member.
+        self.update_message(conversation, id, Some(user), |current| {
+            let mut changed = current.clone();
+            Ok(apply_reaction(&mut changed, user, key)?.then_some(changed))
+        })
+        .await
+    }
+
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        let v = self
+            .script(
+                "stream",
+                &scripts::STREAM,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.changes(conversation),
+                ],
+                &[&fresh_epoch(), &conversation.to_string()],
+            )
+            .await?;
+        let [epoch, position] = tuple::<2>(v)?;
+        Ok(Some(StreamPosition {
+            epoch: uint(epoch)?,
+            position: uint(position)?,
+        }))
+    }
+
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        // One more entry than asked, to know whether more follow (counts below i64::MAX, as in
+        // `list_conversations`).
+        let limit = limit.min(i64::MAX as usize / 2);
+        let v = self
+            .script(
+                "changes after",
+                &scripts::CHANGES,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.members(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.changes(conversation),
+                ],
+                &[
+                    &fresh_epoch(),
+                    &conversation.to_string(),
+                    &after.to_string(),
+                    &(limit + 1).to_string(),
+                    &limit.to_string(),
+                ],
+            )
+            .await?;
+        let [epoch, stream_position, entries, more] = tuple::<4>(v)?;
+        let stream = StreamPosition {
+            epoch: uint(epoch)?,
+            position: uint(stream_position)?,
+        };
+        let mut changes = Vec::new();
+        let mut read_to = after;
+        for entry in array(entries)? {
+            let [item, at, state] = tuple::<3>(entry)?;
+            let at = uint(at)?;
+            read_to = at;
+            changes.extend(decode_change(&string(item)?, at, state)?);
         }
-        Err(Error::Conflict(
-            format!("message {id} kept changing concurrently; try again").into(),
-        ))
+        let next = (uint(more)? == 1).then_some(read_to);
+        Ok(Some(ChangePage {
+            stream,
+            changes,
+            next,
+        }))
     }
 
     async fn history(
@@ -382,8 +528,13 @@ impl MessageStore for RedisStore {
                 ("direct", "member", self.keys.direct(&direct_key(a, b)))
             }
         };
-        let (cid, created_at) = (new.id.to_string(), new.created_at.to_string());
+        let (epoch, cid, created_at) = (
+            fresh_epoch(),
+            new.id.to_string(),
+            new.created_at.to_string(),
+        );
         let mut args: Vec<&str> = vec![
+            &epoch,
             &cid,
             kind,
             if new.name.is_some() { "1" } else { "0" },
@@ -400,6 +551,7 @@ impl MessageStore for RedisStore {
                     &self.keys.conv(new.id),
                     &self.keys.members(new.id),
                     &pair_key,
+                    &self.keys.changes(new.id),
                 ],
                 &args,
             )
@@ -444,9 +596,9 @@ impl MessageStore for RedisStore {
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
-        let (cid, now) = (conversation.to_string(), now.to_string());
-        let mut args: Vec<&str> = vec![&cid, &now];
+    ) -> Result<Vec<MembershipUpdate>> {
+        let (epoch, cid, now) = (fresh_epoch(), conversation.to_string(), now.to_string());
+        let mut args: Vec<&str> = vec![&epoch, &cid, &now];
         args.extend(users.iter().map(UserId::as_str));
         let v = self
             .script(
@@ -455,17 +607,28 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
                 &args,
             )
             .await?;
         array(v)?
             .into_iter()
-            .map(|u| string(u).map(UserId::from))
+            .map(|added| {
+                let [user, at] = tuple::<2>(added)?;
+                Ok(MembershipUpdate {
+                    user_id: UserId::from(string(user)?),
+                    position: position(at)?,
+                })
+            })
             .collect()
     }
 
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>> {
         let v = self
             .script(
                 "remove member",
@@ -473,11 +636,15 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
-                &[&conversation.to_string(), user.as_str()],
+                &[&fresh_epoch(), &conversation.to_string(), user.as_str()],
             )
             .await?;
-        Ok(uint(v)? == 1)
+        Ok(position(v)?.map(|at| MembershipUpdate {
+            user_id: user.clone(),
+            position: Some(at),
+        }))
     }
 
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
@@ -561,8 +728,10 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
                 &[
+                    &fresh_epoch(),
                     &conversation.to_string(),
                     user.as_str(),
                     kind,
@@ -570,10 +739,11 @@ impl MessageStore for RedisStore {
                 ],
             )
             .await?;
-        let [seq, moved] = tuple::<2>(v)?;
+        let [seq, moved, at] = tuple::<3>(v)?;
         Ok(MarkerUpdate {
             seq: uint(seq)?,
             moved: uint(moved)? == 1,
+            position: position(at)?,
         })
     }
 

@@ -16,7 +16,7 @@ use chat_core::model::{
     Conversation, ConversationKind, ConversationView, Media, Member, Message, MessageChange,
     NewConversation, NewMessage, Page, ReceiptKind, Role, direct_key,
 };
-use chat_core::store::{Appended, MarkerUpdate, MessageStore};
+use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
 use scylla::DeserializeRow;
@@ -151,6 +151,7 @@ impl MessageRow {
             edited_at: self.edited_at.map(u64_of).transpose()?,
             deleted: self.deleted.unwrap_or(false),
             version: u32::try_from(self.version).map_err(internal)?,
+            reactions: Vec::new(),
         })
     }
 }
@@ -1017,6 +1018,7 @@ impl ScyllaStore {
                     return Ok(Appended {
                         message,
                         duplicate: !mine,
+                        position: None,
                     });
                 }
                 Err(_other) => {
@@ -1190,7 +1192,7 @@ impl MessageStore for ScyllaStore {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message> {
+    ) -> Result<MessageUpdate> {
         self.bounded(async {
             let st = &self.inner.st;
             self.existing(conversation).await?;
@@ -1236,7 +1238,10 @@ impl MessageStore for ScyllaStore {
                     if changed.deleted {
                         self.mark_deleted(cid, &changed).await?;
                     }
-                    return Ok(changed);
+                    return Ok(MessageUpdate {
+                        message: changed,
+                        position: None,
+                    });
                 }
             }
             Err(Error::Conflict(
@@ -1391,7 +1396,7 @@ impl MessageStore for ScyllaStore {
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
+    ) -> Result<Vec<MembershipUpdate>> {
         self.bounded(async {
             let row = self.existing(conversation).await?;
             if let Some((a, b)) = &row.pair {
@@ -1401,12 +1406,23 @@ impl MessageStore for ScyllaStore {
                     ));
                 }
             }
-            self.add_users(conversation, users, now).await
+            let added = self.add_users(conversation, users, now).await?;
+            Ok(added
+                .into_iter()
+                .map(|user_id| MembershipUpdate {
+                    user_id,
+                    position: None,
+                })
+                .collect())
         })
         .await
     }
 
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>> {
         self.bounded(async {
             self.existing(conversation).await?;
             let cid = i64_of(conversation.get())?;
@@ -1418,7 +1434,10 @@ impl MessageStore for ScyllaStore {
             // Also when it was not applied: finishes a removal that crashed half-way.
             self.exec(&st.user_conv_delete, (user.as_str(), cid))
                 .await?;
-            Ok(lwt.applied)
+            Ok(lwt.applied.then(|| MembershipUpdate {
+                user_id: user.clone(),
+                position: None,
+            }))
         })
         .await
     }
@@ -1509,6 +1528,7 @@ impl MessageStore for ScyllaStore {
                 return Ok(MarkerUpdate {
                     seq: current,
                     moved: false,
+                    position: None,
                 });
             }
             // Max-wins: a cell written with timestamp = its value only loses to a higher one.
@@ -1526,6 +1546,7 @@ impl MessageStore for ScyllaStore {
             Ok(MarkerUpdate {
                 seq: target,
                 moved: true,
+                position: None,
             })
         })
         .await
