@@ -454,6 +454,7 @@ where
         edited_at: Some(1_717_171_717_999),
         deleted: false,
         version: 2,
+        reactions: Vec::new(),
     };
     let event = nodes[0]
         .publish(

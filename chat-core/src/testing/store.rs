@@ -276,6 +276,11 @@ fn assert_not_found<T: fmt::Debug>(r: crate::Result<T>, what: &str) {
 
 // -------------------------------------------------------------------------------- cases
 
+/// The users of membership updates.
+fn user_ids(updates: &[crate::store::MembershipUpdate]) -> Vec<UserId> {
+    updates.iter().map(|u| u.user_id.clone()).collect()
+}
+
 /// 32 tasks × 100 appends on one conversation: seqs are exactly 1..=3200, each task sees its
 /// own seqs increase, and every returned `Appended` is the stored message.
 pub async fn append_assigns_gap_free_seqs_under_concurrency(store: &DynMessageStore) {
@@ -495,7 +500,7 @@ pub async fn append_rejects_non_members_and_unknown_conversations(store: &DynMes
         .add_members(conv.id, std::slice::from_ref(&outsider), 1)
         .await
         .unwrap();
-    assert_eq!(added, vec![outsider.clone()]);
+    assert_eq!(user_ids(&added), vec![outsider.clone()]);
     let ok = fx.new_message(conv.id, &outsider, "k1", "hello");
     let a = store.append(ok.clone()).await.unwrap();
     assert!(!a.duplicate);
@@ -829,7 +834,11 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
         .add_members(conv.id, &[m3.clone(), m1.clone(), m3.clone()], 4242)
         .await
         .unwrap();
-    assert_eq!(added, vec![m3.clone()], "only users that were not members");
+    assert_eq!(
+        user_ids(&added),
+        vec![m3.clone()],
+        "only users that were not members"
+    );
     let member = store.member(conv.id, &m3).await.unwrap().unwrap();
     assert_eq!(member.role, Role::Member);
     assert_eq!(member.joined_at, 4242);
@@ -856,16 +865,17 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
     fx.send(&**store, conv.id, &m3, "m3 is here").await;
     assert_eq!(store.unread(conv.id, &m1).await.unwrap(), 4);
 
-    assert!(store.remove_member(conv.id, &m1).await.unwrap());
+    assert!(store.remove_member(conv.id, &m1).await.unwrap().is_some());
     assert!(
-        !store.remove_member(conv.id, &m1).await.unwrap(),
+        store.remove_member(conv.id, &m1).await.unwrap().is_none(),
         "second removal"
     );
     assert!(
-        !store
+        store
             .remove_member(conv.id, &fx.user("never"))
             .await
             .unwrap()
+            .is_none()
     );
     assert_eq!(store.member(conv.id, &m1).await.unwrap(), None);
     let now = store.conversation(conv.id).await.unwrap().unwrap();
@@ -913,10 +923,12 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
 
     // Re-adding works.
     assert_eq!(
-        store
-            .add_members(conv.id, std::slice::from_ref(&m1), 5)
-            .await
-            .unwrap(),
+        user_ids(
+            &store
+                .add_members(conv.id, std::slice::from_ref(&m1), 5)
+                .await
+                .unwrap()
+        ),
         vec![m1.clone()]
     );
     fx.send(&**store, conv.id, &m1, "back").await;
@@ -931,8 +943,17 @@ pub async fn markers_move_forward_only_and_are_clamped(store: &DynMessageStore) 
     let fx = Fixture::new();
     let (a, b) = (fx.user("a"), fx.user("b"));
     let conv = fx.direct(&**store, &a, &b).await;
-    let mark = |kind, seq| store.set_marker(conv.id, &a, kind, seq);
-    let up = |seq, moved| MarkerUpdate { seq, moved };
+    let mark = async |kind, seq| {
+        store
+            .set_marker(conv.id, &a, kind, seq)
+            .await
+            .map(|u| MarkerUpdate { position: None, ..u })
+    };
+    let up = |seq, moved| MarkerUpdate {
+        seq,
+        moved,
+        position: None,
+    };
     use ReceiptKind::{Delivered, Read};
 
     assert_eq!(
@@ -1095,7 +1116,12 @@ pub async fn edit_and_delete_messages(store: &DynMessageStore) {
     let m3 = fx.send(&**store, conv.id, &b, "b's").await;
     let in_other = fx.send(&**store, other.id, &a, "elsewhere").await;
     let change =
-        async |id, by: &UserId, ch, now| store.change_message(conv.id, id, by, ch, now).await;
+        async |id, by: &UserId, ch, now| {
+            store
+                .change_message(conv.id, id, by, ch, now)
+                .await
+                .map(|u| u.message)
+        };
     let edit = |s: &str| MessageChange::Edit { content: s.into() };
 
     let e1 = change(m2.message_id, &a, edit("fixed"), 1_000)
@@ -1381,7 +1407,8 @@ pub async fn list_conversations_views_carry_unread_and_last_message(store: &DynM
     let tomb = store
         .change_message(conv.id, mine.message_id, &alice, MessageChange::Delete, 10)
         .await
-        .unwrap();
+        .unwrap()
+        .message;
     let v = view(&alice).await;
     assert_eq!(
         v.last_message,
