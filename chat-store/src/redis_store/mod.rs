@@ -76,6 +76,40 @@ impl Keys {
 /// and moves the conversation to the top of every member's list in one step, which keeps seqs
 /// gap-free across any number of nodes and concurrent appenders.
 ///
+/// # The change stream
+///
+/// Every change a client renders takes the conversation's next position in the script that
+/// makes it (see the crate docs), so positions are 1, 2, 3, … per conversation across every
+/// node. The stream's epoch, random, is made with the conversation. A conversation whose stream
+/// state is gone (the `epoch` or `position` field missing from its hash, or a position past 0
+/// with no change log) gets a new stream, with a new epoch and positions from 1 again, from the
+/// next call that reads or records it; so do conversations stored before the stream existed.
+/// A conversation created again after its keys were lost has a new epoch too.
+///
+/// **Retention: the whole stream, compacted.** Nothing in the change log expires: each thing
+/// has one entry, at the position of its latest change, so a replay from any position (0
+/// included) returns the current state of everything that changed since, each thing once.
+///
+/// **Cost.** One sorted set per conversation (`<p>:changes:<cid>`) and two fields in its hash
+/// (`epoch`, `position`); in the set, one entry per message (`m:<seq>`) and at most two per user
+/// who ever was a member (`k:<user>` once their markers moved, `j:<user>` once they joined or
+/// left after the creation), however many times each changed. An entry is its name (2 bytes +
+/// the seq or user id) plus a score: about 10–20 bytes while the set is small enough for Redis's
+/// listpack encoding (`zset-max-listpack-entries`, 128 by default), about 60–80 bytes plus the
+/// name in a skiplist beyond. So a conversation of n messages and u members costs roughly
+/// n + 2u entries, i.e. some 70–100 bytes per message on top of the message itself. The entries
+/// of users who left stay (the join entry says they left; markers of non-members are skipped
+/// when replayed). Reactions live in the message JSON (each key once plus each reacting user's
+/// id). Recording a change is one `HINCRBY` and one `ZADD` (O(log n)) in the change's script; a
+/// replay page is one script, O(log n + page × log n).
+///
+/// Positions of retried calls: under the shared layer's retry rule, a script whose reply was
+/// lost may run again; the second run changes nothing, so it returns no position (a duplicate
+/// append, a marker that did not move, a reaction already there, members already added) while
+/// the first run's change keeps its position in the log, where a replay finds it. (An edit
+/// whose write was applied but not acknowledged is re-read and applied again, as before the
+/// stream existed: a second version, with a second position.)
+///
 /// The connection is the shared Redis layer's [`RedisConnection`] (crate `chat-redis`, the
 /// same as `chat-presence`'s): one multiplexed connection (concurrent requests are pipelined on
 /// it) that reconnects by itself after an error. While Redis is unreachable, operations fail
