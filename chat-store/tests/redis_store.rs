@@ -14,9 +14,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use chat_core::Error;
+use chat_core::UserId;
 use chat_core::id::{ConversationId, MessageId};
 use chat_core::memory::MemoryStore;
-use chat_core::model::{Change, Message, MessageChange, ReceiptKind, StreamPosition};
+use chat_core::model::{Change, Message, MessageChange, Reaction, ReceiptKind, StreamPosition};
 use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
 use chat_redis::redis;
@@ -439,7 +440,7 @@ async fn change_stream_matches_the_memory_store() {
         redis.stream(conv).await.unwrap(),
         Some(StreamPosition { epoch, position: 0 })
     );
-    let keys = ["👍", "ok", "❤️", "bad key", "x"];
+    let keys = ["👍", "ok", "❤️", "bad key", "x", "\u{3000}", "/"];
     let mut sent: Vec<MessageId> = Vec::new();
     let mut x = random_u64() | 1;
     for i in 0..500u64 {
@@ -638,7 +639,6 @@ async fn two_nodes_positions_are_gap_free() {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             let mut positions = Vec::new();
-            let mut conflicts = 0;
             for i in 0..40usize {
                 let p = match i % 4 {
                     0 => {
@@ -661,15 +661,11 @@ async fn two_nodes_positions_are_gap_free() {
                     2 => {
                         let id = seeds[(t + i) % seeds.len()];
                         let key = ["a", "b", "c"][i % 3];
-                        match store.react(conv.id, id, &user, Some(key)).await {
-                            Ok(u) => u.position,
-                            // Lost every compare-and-set: took no position.
-                            Err(Error::Conflict(_)) => {
-                                conflicts += 1;
-                                None
-                            }
-                            Err(e) => panic!("react: {e:?}"),
-                        }
+                        store
+                            .react(conv.id, id, &user, Some(key))
+                            .await
+                            .unwrap()
+                            .position
                     }
                     _ => {
                         store
@@ -681,14 +677,11 @@ async fn two_nodes_positions_are_gap_free() {
                 };
                 positions.extend(p);
             }
-            (positions, conflicts)
+            positions
         }));
     }
-    let mut conflicts = 0;
     for t in tasks {
-        let (p, c) = t.await.unwrap();
-        positions.extend(p);
-        conflicts += c;
+        positions.extend(t.await.unwrap());
     }
     positions.sort_unstable();
     let n = positions.len() as u64;
@@ -697,7 +690,6 @@ async fn two_nodes_positions_are_gap_free() {
         (1..=n).collect::<Vec<_>>(),
         "gap-free, no duplicate"
     );
-    assert!(conflicts < 20, "{conflicts} reactions lost every retry");
     let s0 = nodes[0].stream(conv.id).await.unwrap().unwrap();
     let s1 = nodes[1].stream(conv.id).await.unwrap().unwrap();
     assert_eq!(s0, s1);
@@ -806,4 +798,174 @@ async fn a_lost_stream_gets_a_new_epoch() {
     let fourth = store.stream(conv.id).await.unwrap().unwrap();
     assert_eq!(fourth.position, 0);
     assert!(![first.epoch, second.epoch, third.epoch].contains(&fourth.epoch));
+}
+
+/// The reaction rule, case by case, against the in-memory reference: one reaction per user,
+/// a new key replacing the old one, at most `Reaction::MAX_KEYS` keys (a user's only-user key
+/// frees its slot), bad keys (Unicode whitespace too), deleted messages, non-members, unknown
+/// messages; an edit keeps the reactions, a delete clears them.
+#[tokio::test]
+async fn reaction_rules_match_the_memory_store() {
+    let (redis, _server) = redis_test_store().await;
+    let memory: DynMessageStore = Arc::new(MemoryStore::new());
+    let fx = Fixture::new();
+    let max = Reaction::MAX_KEYS;
+    let users = fx.users("r", max + 2);
+    let outsider = fx.user("outsider");
+    let new = fx.new_group(&users[0], &users[1..]);
+    let conv = same(
+        "create",
+        redis.create_conversation(new.clone()).await,
+        memory.create_conversation(new).await,
+    )
+    .unwrap()
+    .id;
+    let m = fx.new_message(conv, &users[0], "m", "hello");
+    let id = same(
+        "append",
+        redis.append(m.clone()).await,
+        memory.append(m).await,
+    )
+    .unwrap()
+    .message
+    .message_id;
+    let react = async |user: &UserId, key: Option<&str>| {
+        same(
+            &format!("react {user} {key:?}"),
+            redis.react(conv, id, user, key).await,
+            memory.react(conv, id, user, key).await,
+        )
+    };
+    for (i, u) in users.iter().take(max).enumerate() {
+        let r = react(u, Some(&format!("k{i}"))).await.unwrap();
+        assert!(r.position.is_some());
+    }
+    assert_eq!(react(&users[max], Some("one-too-many")).await, None);
+    assert!(
+        react(&users[max], Some("k3"))
+            .await
+            .unwrap()
+            .position
+            .is_some()
+    );
+    // users[3] is no longer k3's only user: switching does not free a slot.
+    assert_eq!(react(&users[3], Some("new")).await, None);
+    // users[0] is k0's only user: switching frees its slot.
+    assert!(
+        react(&users[0], Some("new"))
+            .await
+            .unwrap()
+            .position
+            .is_some()
+    );
+    assert_eq!(
+        react(&users[0], Some("new")).await.unwrap().position,
+        None,
+        "same again"
+    );
+    assert!(react(&users[0], None).await.unwrap().position.is_some());
+    assert_eq!(
+        react(&users[0], None).await.unwrap().position,
+        None,
+        "nothing to remove"
+    );
+    for bad in ["", "a b", "\u{3000}", "\u{85}", "tab\t", &"x".repeat(65)] {
+        assert_eq!(react(&users[1], Some(bad)).await, None, "{bad:?}");
+    }
+    assert!(react(&users[1], Some(&"x".repeat(64))).await.is_some());
+    assert_eq!(react(&outsider, Some("k1")).await, None, "not a member");
+    let unknown = fx.message_id();
+    same(
+        "unknown message",
+        redis.react(conv, unknown, &users[1], Some("k1")).await,
+        memory.react(conv, unknown, &users[1], Some("k1")).await,
+    );
+    same(
+        "unknown conversation",
+        redis.react(fx.conversation_id(), id, &users[1], None).await,
+        memory
+            .react(fx.conversation_id(), id, &users[1], None)
+            .await,
+    );
+    let edit = MessageChange::Edit {
+        content: "edited".into(),
+    };
+    let edited = same(
+        "edit",
+        redis
+            .change_message(conv, id, &users[0], edit.clone(), 5)
+            .await,
+        memory.change_message(conv, id, &users[0], edit, 5).await,
+    )
+    .unwrap();
+    assert_eq!(
+        edited.message.reactions.len(),
+        max - 1,
+        "k0 left with users[0]"
+    );
+    let deleted = same(
+        "delete",
+        redis
+            .change_message(conv, id, &users[0], MessageChange::Delete, 6)
+            .await,
+        memory
+            .change_message(conv, id, &users[0], MessageChange::Delete, 6)
+            .await,
+    )
+    .unwrap();
+    assert!(deleted.message.reactions.is_empty());
+    assert_eq!(react(&users[1], Some("k1")).await, None, "deleted");
+    assert_eq!(react(&users[1], None).await, None, "deleted");
+    same(
+        "message",
+        redis.message(conv, id).await,
+        memory.message(conv, id).await,
+    );
+    assert_eq!(
+        replay(&*redis, conv, 0, 100).await,
+        replay(&*memory, conv, 0, 100).await
+    );
+}
+
+/// Many users of two nodes react to one message at once: every reaction is applied (no retry
+/// to lose, the rule runs in one script), each with its own position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reactions_to_one_message_all_apply() {
+    let server = shared_server().await;
+    let prefix = random_prefix();
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    let nodes = [node().await, node().await];
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&*nodes[0], 40).await;
+    let hot = fx.send(&*nodes[0], conv.id, &users[0], "hot").await;
+    let tasks: Vec<_> = users
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, user)| {
+            let store = nodes[i % 2].clone();
+            tokio::spawn(async move {
+                let key = ["👍", "🎉", "ok"][i % 3];
+                store
+                    .react(conv.id, hot.message_id, &user, Some(key))
+                    .await
+                    .unwrap()
+                    .position
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await.unwrap());
+    }
+    positions.sort_unstable();
+    assert_eq!(positions, (2..=41).collect::<Vec<u64>>());
+    let m = nodes[1]
+        .message(conv.id, hot.message_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.reactions.iter().map(|r| r.users.len()).sum::<usize>(), 40);
+    assert_eq!(m.version, 1, "reactions do not bump the version");
 }

@@ -35,8 +35,6 @@ struct StoredRef<'a> {
     edited_at: Option<u64>,
     deleted: bool,
     version: u32,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    reactions: &'a [Reaction],
 }
 
 /// The owned counterpart of [`StoredRef`], for reading.
@@ -57,8 +55,6 @@ struct Stored {
     edited_at: Option<u64>,
     deleted: bool,
     version: u32,
-    #[serde(default)]
-    reactions: Vec<Reaction>,
 }
 
 fn to_json(stored: &StoredRef<'_>) -> Result<String> {
@@ -80,7 +76,6 @@ pub(super) fn encode_new(m: &NewMessage) -> Result<String> {
         edited_at: None,
         deleted: false,
         version: 1,
-        reactions: &[],
     })
 }
 
@@ -99,11 +94,10 @@ pub(super) fn encode(m: &Message) -> Result<String> {
         edited_at: m.edited_at,
         deleted: m.deleted,
         version: m.version,
-        reactions: &m.reactions,
     })
 }
 
-/// A stored message and its seq.
+/// A stored message and its seq, without its reactions (they are stored apart).
 pub(super) fn decode_message(json: &str, seq: u64) -> Result<Message> {
     let s: Stored = serde_json::from_str(json)
         .map_err(|e| Error::internal(format!("stored message is not valid JSON: {e}")))?;
@@ -121,8 +115,36 @@ pub(super) fn decode_message(json: &str, seq: u64) -> Result<Message> {
         edited_at: s.edited_at,
         deleted: s.deleted,
         version: s.version,
-        reactions: s.reactions,
+        reactions: Vec::new(),
     })
+}
+
+/// A message's reactions as stored in the `reactions` hash (the JSON of `Vec<Reaction>`);
+/// nil (no field) is none.
+pub(super) fn decode_reactions(v: Value) -> Result<Vec<Reaction>> {
+    if v == Value::Nil {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&string(v)?)
+        .map_err(|e| Error::internal(format!("stored reactions are not valid JSON: {e}")))
+}
+
+/// A stored message, its seq and its reactions (a reply value).
+pub(super) fn decode_message_with(json: &str, seq: u64, reactions: Value) -> Result<Message> {
+    let mut m = decode_message(json, seq)?;
+    m.reactions = decode_reactions(reactions)?;
+    Ok(m)
+}
+
+/// `{json, seq, reactions or nil}` per message, as the timeline scripts return them.
+pub(super) fn messages_with_reactions(v: Value) -> Result<Vec<Message>> {
+    array(v)?
+        .into_iter()
+        .map(|m| {
+            let [json, seq, reactions] = tuple::<3>(m)?;
+            decode_message_with(&string(json)?, uint(seq)?, reactions)
+        })
+        .collect()
 }
 
 /// The field of the idempotency hash for `(sender, client_msg_id)`: length-prefixed, so that
@@ -200,20 +222,6 @@ pub(super) fn tuple<const N: usize>(v: Value) -> Result<[Value; N]> {
         .map_err(|items| corrupt(format!("expected {N} items, got {}", items.len())))
 }
 
-/// `member, score, member, score, …` (`WITHSCORES`) as messages.
-pub(super) fn messages_with_scores(v: Value) -> Result<Vec<Message>> {
-    let items = array(v)?;
-    if items.len() % 2 != 0 {
-        return Err(corrupt("WITHSCORES reply of odd length"));
-    }
-    let mut out = Vec::with_capacity(items.len() / 2);
-    let mut it = items.into_iter();
-    while let (Some(json), Some(score)) = (it.next(), it.next()) {
-        out.push(decode_message(&string(json)?, uint(score)?)?);
-    }
-    Ok(out)
-}
-
 fn pairs(v: Value) -> Result<Vec<(String, String)>> {
     let items = array(v)?;
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -263,11 +271,11 @@ pub(super) fn decode_change(item: &str, position: u64, state: Value) -> Result<O
     let (kind, id) = item.split_once(':').ok_or_else(bad)?;
     Ok(match (kind, state) {
         (_, Value::Nil) if kind != "j" => None,
-        ("m", json) => {
-            let seq = parse_u64(id)?;
+        ("m", state) => {
+            let [json, reactions] = tuple::<2>(state)?;
             Some(Change::Message {
                 position,
-                message: decode_message(&string(json)?, seq)?,
+                message: decode_message_with(&string(json)?, parse_u64(id)?, reactions)?,
             })
         }
         ("k", value) => {
@@ -368,15 +376,27 @@ mod tests {
             json.contains(&format!("\"{}\"", u64::MAX - 3)),
             "ids as strings: {json}"
         );
-        assert_eq!(decode_message(&json, 42).unwrap(), m);
-        // No reactions: no field (the JSON of messages stored before reactions existed).
+        // Reactions are stored apart, as the JSON of `Vec<Reaction>`.
+        assert!(!json.contains("reactions"), "{json}");
+        let reactions = serde_json::to_string(&m.reactions).unwrap();
+        assert_eq!(
+            decode_message_with(&json, 42, Value::BulkString(reactions.into_bytes())).unwrap(),
+            m
+        );
+        // As Lua's cjson writes them: `/` escaped, any key order.
+        let lua = r#"[{"users":["a\/b"],"key":"ok"}]"#;
+        assert_eq!(
+            decode_reactions(Value::BulkString(lua.as_bytes().to_vec())).unwrap(),
+            vec![Reaction {
+                key: "ok".into(),
+                users: vec![UserId::from("a/b")]
+            }]
+        );
         let plain = Message {
             reactions: Vec::new(),
             ..m.clone()
         };
-        let json = encode(&plain).unwrap();
-        assert!(!json.contains("reactions"), "{json}");
-        assert_eq!(decode_message(&json, 42).unwrap(), plain);
+        assert_eq!(decode_message_with(&json, 42, Value::Nil).unwrap(), plain);
 
         let new = NewMessage {
             message_id: m.message_id,

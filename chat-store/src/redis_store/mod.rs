@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
     ChangePage, Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
-    NewConversation, NewMessage, Page, ReceiptKind, StreamPosition, apply_reaction, direct_key,
+    NewConversation, NewMessage, Page, Reaction, ReceiptKind, StreamPosition, direct_key,
 };
 use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
@@ -19,9 +19,9 @@ use chat_redis::redis::{self, Value};
 use chat_redis::{RedisConnection, RedisOptions, Script};
 
 use self::codec::{
-    array, decode_change, decode_conversation, decode_member, decode_message, encode, encode_new,
-    idempotency_field, messages_with_scores, older_than, parse_entry, parse_u64, string, tuple,
-    uint,
+    array, decode_change, decode_conversation, decode_member, decode_message, decode_message_with,
+    decode_reactions, encode, encode_new, idempotency_field, messages_with_reactions, older_than,
+    parse_entry, parse_u64, string, tuple, uint,
 };
 
 /// How often [`MessageStore::change_message`] re-reads a message that changed between its read
@@ -53,6 +53,9 @@ impl Keys {
     }
     fn deleted(&self, id: ConversationId) -> String {
         format!("{}:deleted:{id}", self.prefix)
+    }
+    fn reactions(&self, id: ConversationId) -> String {
+        format!("{}:reactions:{id}", self.prefix)
     }
     fn changes(&self, id: ConversationId) -> String {
         format!("{}:changes:{id}", self.prefix)
@@ -215,18 +218,12 @@ impl RedisStore {
         self.conn.query(what, &call).await
     }
 
-    /// The stored JSON and seq of a message; `NotFound` for an unknown conversation.
-    /// With `member`, [`Error::NotMember`] (checked before the message is looked up) unless that
-    /// user is a member.
+    /// The stored JSON, seq and reactions of a message; `NotFound` for an unknown conversation.
     async fn raw_message(
         &self,
         conversation: ConversationId,
         id: MessageId,
-        member: Option<&UserId>,
-    ) -> Result<Option<(u64, String)>> {
-        let (cid, mid) = (conversation.to_string(), id.to_string());
-        let mut args: Vec<&str> = vec![&cid, &mid];
-        args.extend(member.map(UserId::as_str));
+    ) -> Result<Option<(u64, String, Value)>> {
         let v = self
             .script(
                 "get message",
@@ -235,19 +232,20 @@ impl RedisStore {
                     &self.keys.conv(conversation),
                     &self.keys.ids(conversation),
                     &self.keys.msgs(conversation),
-                    &self.keys.members(conversation),
+                    &self.keys.reactions(conversation),
                 ],
-                &args,
+                &[&conversation.to_string(), &id.to_string()],
             )
             .await?;
         if v == Value::Nil {
             return Ok(None);
         }
-        let [seq, json] = tuple::<2>(v)?;
-        Ok(Some((uint(seq)?, string(json)?)))
+        let [seq, json, reactions] = tuple::<3>(v)?;
+        Ok(Some((uint(seq)?, string(json)?, reactions)))
     }
 
-    /// `EXISTS conv` and a range of the timeline in one round trip.
+    /// A range of the timeline with the reactions, in one script (`NotFound` for an unknown
+    /// conversation).
     async fn timeline_range(
         &self,
         conversation: ConversationId,
@@ -256,49 +254,43 @@ impl RedisStore {
         to: &str,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        let mut pipe = redis::pipe();
-        pipe.exists(self.keys.conv(conversation))
-            .cmd(command)
-            .arg(self.keys.msgs(conversation))
-            .arg(from)
-            .arg(to)
-            .arg("WITHSCORES")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(redis_count(limit));
-        let (exists, page): (bool, Value) = self.conn.query("timeline range", &pipe).await?;
-        if !exists {
-            return Err(unknown(conversation));
-        }
-        messages_with_scores(page)
+        let v = self
+            .script(
+                "timeline range",
+                &scripts::TIMELINE,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.reactions(conversation),
+                ],
+                &[
+                    &conversation.to_string(),
+                    command,
+                    &from,
+                    to,
+                    &redis_count(limit).to_string(),
+                ],
+            )
+            .await?;
+        messages_with_reactions(v)
     }
 
-    /// The compare-and-set loop of `change_message` and `react`: reads the message (checking
-    /// that `member`, if any, is a member), lets `change` turn it into the new version
-    /// (`Ok(None)`: nothing to change), and writes it only if the stored JSON is still what was
-    /// read, re-reading on a concurrent change. The write takes the change's position.
+    /// The compare-and-set loop of `change_message`: reads the message, lets `change` turn it
+    /// into the new version, and writes it only if the stored JSON is still what was read,
+    /// re-reading on a concurrent change. The write takes the change's position.
     async fn update_message(
         &self,
         conversation: ConversationId,
         id: MessageId,
-        member: Option<&UserId>,
-        mut change: impl FnMut(&Message) -> Result<Option<Message>> + Send,
+        change: impl Fn(&Message) -> Result<Message> + Send + Sync,
     ) -> Result<MessageUpdate> {
         let cid = conversation.to_string();
         for _ in 0..CAS_ATTEMPTS {
-            let (seq, old) = self
-                .raw_message(conversation, id, member)
-                .await?
-                .ok_or_else(|| {
-                    Error::not_found(format!("message {id} in conversation {conversation}"))
-                })?;
+            let (seq, old, _) = self.raw_message(conversation, id).await?.ok_or_else(|| {
+                Error::not_found(format!("message {id} in conversation {conversation}"))
+            })?;
             let current = decode_message(&old, seq)?;
-            let Some(changed) = change(&current)? else {
-                return Ok(MessageUpdate {
-                    message: current,
-                    position: None,
-                });
-            };
+            let mut changed = change(&current)?;
             let new = encode(&changed)?;
             let deletes = changed.deleted && !current.deleted;
             let written = self
@@ -310,8 +302,8 @@ impl RedisStore {
                         &self.keys.deleted(conversation),
                         &self.keys.sent(conversation, &current.sender_id),
                         &self.keys.conv(conversation),
-                        &self.keys.members(conversation),
                         &self.keys.changes(conversation),
+                        &self.keys.reactions(conversation),
                     ],
                     &[
                         &fresh_epoch(),
@@ -320,14 +312,21 @@ impl RedisStore {
                         &old,
                         &new,
                         if deletes { "1" } else { "0" },
-                        member.map_or("", UserId::as_str),
                     ],
                 )
                 .await?;
-            if let Some(position) = position(written)? {
+            let mut written = array(written)?.into_iter();
+            let at = position(
+                written
+                    .next()
+                    .ok_or_else(|| codec::corrupt("replace reply"))?,
+            )?;
+            if let Some(at) = at {
+                // The reactions as they were when the write ran (none after a delete).
+                changed.reactions = decode_reactions(written.next().unwrap_or(Value::Nil))?;
                 return Ok(MessageUpdate {
                     message: changed,
-                    position: Some(position),
+                    position: Some(at),
                 });
             }
         }
@@ -358,6 +357,7 @@ impl MessageStore for RedisStore {
                     &self.keys.idem(id),
                     &self.keys.sent(id, &message.sender_id),
                     &self.keys.changes(id),
+                    &self.keys.reactions(id),
                 ],
                 &[
                     &fresh_epoch(),
@@ -384,8 +384,9 @@ impl MessageStore for RedisStore {
                 position: position(third)?,
             });
         }
+        let reactions = items.next().unwrap_or(Value::Nil);
         Ok(Appended {
-            message: decode_message(&string(third)?, seq)?,
+            message: decode_message_with(&string(third)?, seq, reactions)?,
             duplicate: true,
             position: None,
         })
@@ -396,9 +397,9 @@ impl MessageStore for RedisStore {
         conversation: ConversationId,
         id: MessageId,
     ) -> Result<Option<Message>> {
-        self.raw_message(conversation, id, None)
+        self.raw_message(conversation, id)
             .await?
-            .map(|(seq, json)| decode_message(&json, seq))
+            .map(|(seq, json, reactions)| decode_message_with(&json, seq, reactions))
             .transpose()
     }
 
@@ -412,7 +413,7 @@ impl MessageStore for RedisStore {
     ) -> Result<MessageUpdate> {
         // Compare-and-set (see `update_message`): `MessageChange::apply` is the one definition
         // of an edit. The sender check needs no re-check: a message's sender never changes.
-        self.update_message(conversation, id, None, |current| {
+        self.update_message(conversation, id, |current| {
             if &current.sender_id != by {
                 return Err(Error::forbidden(
                     "only the sender may edit or delete a message",
@@ -420,7 +421,7 @@ impl MessageStore for RedisStore {
             }
             let mut changed = current.clone();
             change.apply(&mut changed, now)?;
-            Ok(Some(changed))
+            Ok(changed)
         })
         .await
     }
@@ -432,13 +433,50 @@ impl MessageStore for RedisStore {
         user: &UserId,
         key: Option<&str>,
     ) -> Result<MessageUpdate> {
-        // Compare-and-set with `apply_reaction`, the rule every backend applies; the write
-        // checks again that the user is still a member.
-        self.update_message(conversation, id, Some(user), |current| {
-            let mut changed = current.clone();
-            Ok(apply_reaction(&mut changed, user, key)?.then_some(changed))
+        // One script applies `apply_reaction`'s rule, step by step and in its order of checks;
+        // the key's syntax (Unicode whitespace and control characters) is checked here and
+        // reported by the script at the point the rule checks it.
+        let key_error = match key.map(Reaction::validate_key) {
+            Some(Err(Error::Invalid(why))) => why.to_string(),
+            Some(Err(e)) => return Err(e),
+            _ => String::new(),
+        };
+        let too_many = format!(
+            "a message has at most {} distinct reaction keys",
+            Reaction::MAX_KEYS
+        );
+        let v = self
+            .script(
+                "react",
+                &scripts::REACT,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.members(conversation),
+                    &self.keys.ids(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.deleted(conversation),
+                    &self.keys.reactions(conversation),
+                    &self.keys.changes(conversation),
+                ],
+                &[
+                    &fresh_epoch(),
+                    &conversation.to_string(),
+                    &id.to_string(),
+                    user.as_str(),
+                    if key.is_some() { "1" } else { "0" },
+                    key.unwrap_or(""),
+                    if key_error.is_empty() { "1" } else { "0" },
+                    &key_error,
+                    &Reaction::MAX_KEYS.to_string(),
+                    &too_many,
+                ],
+            )
+            .await?;
+        let [seq, json, reactions, at] = tuple::<4>(v)?;
+        Ok(MessageUpdate {
+            message: decode_message_with(&string(json)?, uint(seq)?, reactions)?,
+            position: position(at)?,
         })
-        .await
     }
 
     async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
@@ -478,6 +516,7 @@ impl MessageStore for RedisStore {
                     &self.keys.members(conversation),
                     &self.keys.msgs(conversation),
                     &self.keys.changes(conversation),
+                    &self.keys.reactions(conversation),
                 ],
                 &[
                     &fresh_epoch(),
@@ -731,7 +770,7 @@ impl MessageStore for RedisStore {
             items.push(ConversationView {
                 conversation: decode_conversation(id, snapshot)?,
                 unread: uint(unread)?,
-                last_message: messages_with_scores(newest)?.pop(),
+                last_message: messages_with_reactions(newest)?.pop(),
             });
         }
         // The script reads the list and the conversations atomically, so each entry's key is

@@ -13,7 +13,9 @@
 //! * Numbers that may exceed 2^53 (Snowflake ids, `last_activity`) are only ever handled as
 //!   strings; Lua numbers (doubles) are used for seqs, which stay far below 2^53, and are turned
 //!   back into strings with `string.format('%d', n)` (never `tostring`, which keeps only 14
-//!   significant digits). No script uses `cjson`: message JSON is stored and compared verbatim.
+//!   significant digits). Message JSON is stored and compared verbatim, never decoded: `cjson`
+//!   would turn its 64-bit numbers into doubles. The one JSON a script decodes is a message's
+//!   reactions (`reactions` hash), which holds only strings (keys and user ids).
 //!   Epochs (63-bit) are strings too; positions are numbers, like seqs.
 //! * The change stream: `epoch` and `position` are fields of the conversation hash, the
 //!   compacted log is the `changes` sorted set (member = the item that changed: `m:<seq>`,
@@ -86,6 +88,10 @@ local function record(ck, xk, fresh, item)
   redis.call('ZADD', xk, p, item)
   return p
 end
+local function invalid(why) return redis.error_reply('CHAT_INVALID ' .. why) end
+local function no_message(mid, cid)
+  return redis.error_reply('CHAT_NOT_FOUND message ' .. mid .. ' in conversation ' .. cid)
+end
 local function not_found(cid) return redis.error_reply('CHAT_NOT_FOUND conversation ' .. cid) end
 local function not_member(cid) return redis.error_reply('CHAT_NOT_MEMBER ' .. cid) end
 "#;
@@ -95,8 +101,10 @@ fn script(body: &str) -> Script {
 }
 
 /// Every script, for the connection to load at connect and after `NOSCRIPT`.
-pub(super) fn all() -> [&'static Script; 12] {
+pub(super) fn all() -> [&'static Script; 14] {
     [
+        &REACT,
+        &TIMELINE,
         &STREAM,
         &CHANGES,
         &APPEND,
@@ -112,9 +120,10 @@ pub(super) fn all() -> [&'static Script; 12] {
     ]
 }
 
-/// `append`. KEYS: conv, members, msgs, ids, idem, sent (of the sender), changes.
+/// `append`. KEYS: conv, members, msgs, ids, idem, sent (of the sender), changes, reactions.
 /// ARGV: prefix, epoch, cid, sender, idempotency field, message_id, message JSON (without seq).
-/// Returns `{0, seq, position}` for a new message, `{1, seq, json}` for a retry.
+/// Returns `{0, seq, position}` for a new message, `{1, seq, json, reactions or nil}` for a
+/// retry.
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -127,7 +136,7 @@ if dup then
   if not m[1] then
     return redis.error_reply('CHAT_INTERNAL idempotency key points at no message')
   end
-  return {1, dup, m[1]}
+  return {1, dup, m[1], redis.call('HGET', KEYS[8], dup)}
 end
 if redis.call('HEXISTS', KEYS[4], mid) == 1 then
   return redis.error_reply('CHAT_CONFLICT message id ' .. mid .. ' is already in use')
@@ -271,44 +280,42 @@ return {result, 0, 0}
     )
 });
 
-/// `change_message` and `react`, the write half of a compare-and-set: replaces the message at a
-/// seq only if it is still exactly the JSON the caller read, and gives the change a position.
-/// KEYS: msgs, deleted, sent (of the sender), conv, members, changes.
-/// ARGV: prefix, epoch, cid, seq, old JSON, new JSON, "1" when the change deletes it, the user
-/// who must still be a member (a reaction's; empty for none).
-/// Returns the position when replaced, 0 when the message changed in between.
+/// `change_message`, the write half of a compare-and-set: replaces the message at a seq only if
+/// it is still exactly the JSON the caller read, and gives the change a position; a delete also
+/// removes the reactions. KEYS: msgs, deleted, sent (of the sender), conv, changes, reactions.
+/// ARGV: prefix, epoch, cid, seq, old JSON, new JSON, "1" when the change deletes it.
+/// Returns `{position, reactions or nil}` when replaced, `{0}` when the message changed in
+/// between.
 pub(super) static REPLACE_MESSAGE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local cid, seq = ARGV[3], ARGV[4]
 if redis.call('EXISTS', KEYS[4]) == 0 then return not_found(cid) end
-if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[8]) == 0 then return not_member(cid) end
 local cur = redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq)
-if cur[1] ~= ARGV[5] then return 0 end
+if cur[1] ~= ARGV[5] then return {0} end
 redis.call('ZREM', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[1], seq, ARGV[6])
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[2], seq, seq)
   redis.call('ZREM', KEYS[3], seq)
+  redis.call('HDEL', KEYS[6], seq)
 end
-return record(KEYS[4], KEYS[6], ARGV[2], 'm:' .. seq)
+return {record(KEYS[4], KEYS[5], ARGV[2], 'm:' .. seq), redis.call('HGET', KEYS[6], seq)}
 "#,
     )
 });
 
-/// `message`. KEYS: conv, ids, msgs, members. ARGV: prefix, cid, message_id, and optionally a
-/// user who must be a member (`NotMember` otherwise, checked before the message is looked up).
-/// Returns `{seq, json}`, or nil when the conversation has no such message.
+/// `message`. KEYS: conv, ids, msgs, reactions. ARGV: prefix, cid, message_id.
+/// Returns `{seq, json, reactions or nil}`, or nil when the conversation has no such message.
 pub(super) static GET_MESSAGE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return not_found(ARGV[2]) end
-if ARGV[4] and redis.call('HEXISTS', KEYS[4], ARGV[4]) == 0 then return not_member(ARGV[2]) end
 local seq = redis.call('HGET', KEYS[2], ARGV[3])
 if not seq then return false end
 local m = redis.call('ZRANGEBYSCORE', KEYS[3], seq, seq)
 if not m[1] then return false end
-return {seq, m[1]}
+return {seq, m[1], redis.call('HGET', KEYS[4], seq)}
 "#,
     )
 });
@@ -337,8 +344,8 @@ return n
 
 /// `list_conversations`, one consistent page. KEYS: the user's conversation list.
 /// ARGV: prefix, user, max (`+` or `(<padded cursor>`), entries to fetch (limit + 1), limit.
-/// Returns `{entries, views}`; a view is `{snapshot, unread, {newest json, seq} or {}}` for each
-/// of the first `limit` entries.
+/// Returns `{entries, views}`; a view is `{snapshot, unread, {{newest json, seq, reactions}} or
+/// {}}` for each of the first `limit` entries.
 pub(super) static LIST: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -351,6 +358,9 @@ for i, e in ipairs(entries) do
   local ck, mk = key('conv', cid), key('members', cid)
   local newest = redis.call('ZREVRANGEBYSCORE', key('msgs', cid), '+inf', '-inf',
     'WITHSCORES', 'LIMIT', 0, 1)
+  if newest[1] then
+    newest = {{newest[1], newest[2], redis.call('HGET', key('reactions', cid), newest[2])}}
+  end
   views[i] = {snapshot(ck, mk), unread(ck, mk, cid, user) or 0, newest}
 end
 return {entries, views}
@@ -371,9 +381,10 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'position')
 });
 
 /// `changes_after`, one consistent page of the compacted log. KEYS: conv, members, msgs,
-/// changes. ARGV: prefix, epoch, cid, after, entries to fetch (limit + 1), limit.
+/// changes, reactions. ARGV: prefix, epoch, cid, after, entries to fetch (limit + 1), limit.
 /// Returns `{epoch, position, entries, more}`: for each of the first `limit` log entries after
-/// `after`, `{item, position, state}` where state is the message JSON (`m:`), the member value
+/// `after`, `{item, position, state}` where state is `{json, reactions or nil}` of the message
+/// (`m:`), the member value
 /// or nil for someone who left (`k:`), or 1/0 for whether the user is a member (`j:`); `more`
 /// is 1 when further entries follow.
 pub(super) static CHANGES: LazyLock<Script> = LazyLock::new(|| {
@@ -392,7 +403,9 @@ for i = 1, math.min(n, limit) do
   local kind, id = string.sub(item, 1, 1), string.sub(item, 3)
   local state
   if kind == 'm' then
-    state = redis.call('ZRANGEBYSCORE', KEYS[3], id, id)[1] or false
+    local json = redis.call('ZRANGEBYSCORE', KEYS[3], id, id)[1]
+    state = false
+    if json then state = {json, redis.call('HGET', KEYS[5], id)} end
   elseif kind == 'k' then
     state = redis.call('HGET', KEYS[2], id)
   else
@@ -403,6 +416,99 @@ end
 local more = 0
 if n > limit then more = 1 end
 return {s[1], s[2], out, more}
+"#,
+    )
+});
+
+/// `react`: sets or removes a user's reaction by the rule of `chat_core::model::apply_reaction`
+/// (mirrored step by step), atomically. KEYS: conv, members, ids, msgs, deleted, reactions,
+/// changes. ARGV: prefix, epoch, cid, message_id, user, "1"/"0" set or remove, key, "1"/"0"
+/// whether the key is valid (checked by the caller with `Reaction::validate_key`), the error of
+/// an invalid key, the most distinct keys, the error of too many keys.
+/// Returns `{seq, json, reactions or nil, position}` (position 0 when nothing changed).
+pub(super) static REACT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local cid, mid, user, has_key, rkey = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7]
+if redis.call('EXISTS', KEYS[1]) == 0 then return not_found(cid) end
+if redis.call('HEXISTS', KEYS[2], user) == 0 then return not_member(cid) end
+local seq = redis.call('HGET', KEYS[3], mid)
+if not seq then return no_message(mid, cid) end
+local json = redis.call('ZRANGEBYSCORE', KEYS[4], seq, seq)[1]
+if not json then return no_message(mid, cid) end
+if redis.call('ZSCORE', KEYS[5], seq) then return invalid('message is deleted') end
+local raw = redis.call('HGET', KEYS[6], seq)
+local rs = {}
+if raw then rs = cjson.decode(raw) end
+local current
+for _, r in ipairs(rs) do
+  for _, u in ipairs(r.users) do
+    if u == user then current = r end
+  end
+  if current then break end
+end
+if has_key then
+  if ARGV[8] ~= '1' then return invalid(ARGV[9]) end
+  if current and current.key == rkey then return {seq, json, raw, 0} end
+  local exists = false
+  for _, r in ipairs(rs) do
+    if r.key == rkey then exists = true end
+  end
+  -- Replacing one's only-user key frees a slot, so count after removal.
+  if not exists and #rs >= tonumber(ARGV[10]) and not (current and #current.users == 1) then
+    return invalid(ARGV[11])
+  end
+end
+local changed = false
+local kept = {}
+for _, r in ipairs(rs) do
+  local users = {}
+  for _, u in ipairs(r.users) do
+    if u == user then changed = true else users[#users + 1] = u end
+  end
+  if #users > 0 then
+    r.users = users
+    kept[#kept + 1] = r
+  end
+end
+if has_key then
+  local found = false
+  for _, r in ipairs(kept) do
+    if r.key == rkey then
+      r.users[#r.users + 1] = user
+      found = true
+      break
+    end
+  end
+  if not found then kept[#kept + 1] = {key = rkey, users = {user}} end
+  changed = true
+end
+if not changed then return {seq, json, raw, 0} end
+if #kept == 0 then
+  redis.call('HDEL', KEYS[6], seq)
+  raw = false
+else
+  raw = cjson.encode(kept)
+  redis.call('HSET', KEYS[6], seq, raw)
+end
+return {seq, json, raw, record(KEYS[1], KEYS[7], ARGV[2], 'm:' .. seq)}
+"#,
+    )
+});
+
+/// `history` and `messages_after`: a range of the timeline with each message's reactions.
+/// KEYS: conv, msgs, reactions. ARGV: prefix, cid, `ZRANGEBYSCORE` or `ZREVRANGEBYSCORE`, from,
+/// to, limit. Returns `{json, seq, reactions or nil}` per message.
+pub(super) static TIMELINE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return not_found(ARGV[2]) end
+local page = redis.call(ARGV[3], KEYS[2], ARGV[4], ARGV[5], 'WITHSCORES', 'LIMIT', 0, ARGV[6])
+local out = {}
+for i = 1, #page, 2 do
+  out[#out + 1] = {page[i], page[i + 1], redis.call('HGET', KEYS[3], page[i + 1])}
+end
+return out
 "#,
     )
 });
