@@ -102,8 +102,8 @@ impl Keys {
 /// name in a skiplist beyond. So a conversation of n messages and u members costs roughly
 /// n + 2u entries, i.e. some 70–100 bytes per message on top of the message itself. The entries
 /// of users who left stay (the join entry says they left; markers of non-members are skipped
-/// when replayed). Reactions live in the message JSON (each key once plus each reacting user's
-/// id). Recording a change is one `HINCRBY` and one `ZADD` (O(log n)) in the change's script; a
+/// when replayed). Reactions are one field per reacted-to message in `<p>:reactions:<cid>`
+/// (each key once plus each reacting user's id). Recording a change is one `HINCRBY` and one `ZADD` (O(log n)) in the change's script; a
 /// replay page is one script, O(log n + page × log n).
 ///
 /// Positions of retried calls: under the shared layer's retry rule, a script whose reply was
