@@ -111,7 +111,7 @@ fn codec(c: &mut Criterion) {
         .throughput(Throughput::Elements(1));
     let event = Event::Message {
         message: sample_message(),
-        ..,
+        position: None,
     };
     let command = send_command(
         ConversationId::from_raw(7_318_349_390_282_752),
@@ -460,7 +460,7 @@ fn frame(c: &mut Criterion) {
         .throughput(Throughput::Elements(RECIPIENTS as u64));
     let event = Event::Message {
         message: sample_message(),
-        ..,
+        position: None,
     };
     g.bench_function(format!("encode_once_{RECIPIENTS}"), |b| {
         b.iter_batched(

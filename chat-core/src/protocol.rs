@@ -197,6 +197,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// Longest command `id` (the optional correlation id any command may carry), in bytes.
+    pub const MAX_ID_BYTES: usize = 64;
+
+    /// Checks a command `id`: 1..=[`Command::MAX_ID_BYTES`] bytes.
+    pub fn validate_id(id: &str) -> crate::Result<()> {
+        if id.is_empty() || id.len() > Self::MAX_ID_BYTES {
+            return Err(crate::Error::invalid("id must be 1..=64 bytes"));
+        }
+        Ok(())
+    }
+
     /// The wire `type` of the command.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -377,6 +388,14 @@ pub enum Event {
         /// Set when the failed command was a `message`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_msg_id: Option<String>,
+        /// The failed command's `id`, when it carried one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// A command that carried an `id` succeeded; sent after the command's other replies.
+    Ok {
+        /// The command's `id`.
+        id: String,
     },
 }
 
@@ -398,6 +417,7 @@ impl Event {
             Self::Session { .. } => "session",
             Self::Refreshed { .. } => "refreshed",
             Self::Error { .. } => "error",
+            Self::Ok { .. } => "ok",
         }
     }
 
@@ -407,6 +427,7 @@ impl Event {
             code: err.code(),
             message: err.client_message(),
             client_msg_id,
+            id: None,
         }
     }
 }

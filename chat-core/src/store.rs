@@ -43,8 +43,8 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::id::{ConversationId, MessageId, UserId};
 use crate::model::{
-    Conversation, ConversationView, Member, Message, MessageChange, NewConversation, NewMessage,
-    ChangePage, Page, ReceiptKind, StreamPosition,
+    ChangePage, Conversation, ConversationView, Member, Message, MessageChange, NewConversation,
+    NewMessage, Page, ReceiptKind, StreamPosition,
 };
 
 /// The outcome of [`MessageStore::append`].
@@ -125,23 +125,18 @@ pub trait MessageStore: Send + Sync + Debug + 'static {
     /// [`crate::Error::NotMember`] when `user` is not a member, [`crate::Error::Invalid`] for
     /// a deleted message, a bad key or too many keys.
     ///
-    /// The default refuses: a store without a change stream keeps no reactions.
+    /// A store without a change stream refuses with [`crate::Error::Invalid`].
     async fn react(
         &self,
         conversation: ConversationId,
         id: MessageId,
         user: &UserId,
         key: Option<&str>,
-    ) -> Result<MessageUpdate> {
-        let _ = (conversation, id, user, key);
-        Err(crate::Error::invalid("this message store keeps no reactions"))
-    }
+    ) -> Result<MessageUpdate>;
 
     /// The conversation's change stream now, `None` for a store without one.
     /// [`crate::Error::NotFound`] for an unknown conversation.
-    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
-        self.last_seq(conversation).await.map(|_| None)
-    }
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>>;
 
     /// Up to `limit` changes whose latest position is after `after`, in position order, each
     /// as the current state of what changed (see [`crate::model::Change`]), with the stream
@@ -152,10 +147,7 @@ pub trait MessageStore: Send + Sync + Debug + 'static {
         conversation: ConversationId,
         after: u64,
         limit: usize,
-    ) -> Result<Option<ChangePage>> {
-        let _ = (after, limit);
-        self.last_seq(conversation).await.map(|_| None)
-    }
+    ) -> Result<Option<ChangePage>>;
 
     /// Up to `limit` messages with `seq < before` (all when `None`), newest first.
     async fn history(

@@ -8,3 +8,10 @@ use chat_core::memory::MemoryStore;
 use chat_core::store::DynMessageStore;
 
 chat_core::store_conformance_tests!(|| async { Arc::new(MemoryStore::new()) as DynMessageStore });
+
+mod change_stream {
+    use super::*;
+    chat_core::change_stream_conformance_tests!(|| async {
+        Arc::new(MemoryStore::new()) as DynMessageStore
+    });
+}

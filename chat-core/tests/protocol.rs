@@ -121,6 +121,7 @@ fn server_frames_encode_to_the_documented_json() {
         code: ErrorCode::NotMember,
         message: "nope".into(),
         client_msg_id: None,
+        id: None,
     };
     assert_eq!(
         serde_json::to_value(&err).unwrap(),

@@ -51,6 +51,12 @@ async fn redis_test_store() -> (DynMessageStore, Arc<RedisServer>) {
 
 chat_core::store_conformance_tests!(with_guard, redis_test_store);
 
+/// The change-stream conformance suite, on the same kind of fresh store.
+mod change_stream {
+    use super::*;
+    chat_core::change_stream_conformance_tests!(with_guard, redis_test_store);
+}
+
 // ------------------------------------------------------------------- Redis-specific cases
 
 /// Two stores, as on two chat nodes, append to one conversation concurrently: seqs are exactly
@@ -709,6 +715,16 @@ async fn two_nodes_positions_are_gap_free() {
     let at: Vec<u64> = page.changes.iter().map(Change::position).collect();
     assert!(at.windows(2).all(|w| w[0] < w[1]), "in position order");
     assert_eq!(at.last(), Some(&n));
+}
+
+/// The suite's two-node case: appends, edits, reactions and markers from two stores on one
+/// prefix take positions 1..=N, and both see the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_positions_gap_free_suite_case() {
+    let server = shared_server().await;
+    let prefix = random_prefix();
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    chat_core::testing::stream::two_nodes_positions_gap_free(node().await, node().await, 60).await;
 }
 
 /// A raw connection to the test server, for what the store never does.

@@ -291,11 +291,11 @@ where
             }
         };
         frames_in.inc();
-        match codec.decode(&payload) {
+        match codec.decode_request(&payload) {
             // Boxed: the engine's command future is ~2.7 KB; inline, every connection's reader
             // task would carry that space even while idle. One allocation per command instead
             // (and the error replies are rare).
-            Ok(command) => Box::pin(session.handle(command)).await,
+            Ok((command, id)) => Box::pin(session.handle_with_id(command, id)).await,
             Err(err) => Box::pin(session.reply(Event::error(&err.to_error(), None))).await,
         }
     }

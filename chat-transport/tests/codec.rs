@@ -253,11 +253,13 @@ fn all_events() -> Vec<Event> {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
             client_msg_id: Some("k".into()),
+            id: None,
         },
         Event::Error {
             code: ErrorCode::NotMember,
             message: String::new(),
             client_msg_id: None,
+            id: None,
         },
     ]
     .into_iter()
@@ -274,6 +276,7 @@ fn all_events() -> Vec<Event> {
             code,
             message: code.to_string(),
             client_msg_id: Some(String::new()),
+            id: None,
         }),
     )
     .collect()
@@ -396,7 +399,7 @@ fn the_json_codec_speaks_the_documented_wire_format() {
 fn a_frame_is_encoded_once_per_codec() {
     let frame = Frame::new(Event::Message {
         message: message(7, true, false),
-        ..,
+        position: None,
     });
     for codec in CODECS {
         let a = codec.encode_frame(&frame);
@@ -596,7 +599,7 @@ fn protobuf_rejects_what_it_cannot_represent() {
     // Unspecified or unknown enums where a value is required.
     let message = pb::ServerFrame::from(&Event::Message {
         message: message(1, false, false),
-        ..,
+        position: None,
     });
     let Some(SF::Message(mut m)) = message.frame else {
         panic!()
@@ -909,7 +912,7 @@ fn arb_event() -> BoxedStrategy<Event> {
             |(conversations, more)| Event::SyncDone {
                 conversations,
                 more,
-                ..,
+                streams: Default::default(),
             }
         ),
         (
@@ -930,7 +933,8 @@ fn arb_event() -> BoxedStrategy<Event> {
             .prop_map(|(code, message, client_msg_id)| Event::Error {
                 code,
                 message,
-                client_msg_id
+                client_msg_id,
+                id: None,
             }),
         (
             (arb_user(), any::<u64>(), 0u16..=1023),

@@ -311,10 +311,26 @@ impl Chat {
         error: &Error,
         client_msg_id: Option<String>,
     ) {
+        self.command_failed_with_id(conn, error, client_msg_id, None)
+            .await;
+    }
+
+    /// [`Chat::command_failed`] for a command that carried an `id`, echoed on the error.
+    pub(crate) async fn command_failed_with_id(
+        &self,
+        conn: &ConnHandle,
+        error: &Error,
+        client_msg_id: Option<String>,
+        id: Option<String>,
+    ) {
         self.inner.observe(EngineEvent::CommandFailed {
             connection: conn.id,
             error,
         });
-        self.reply(conn, Event::error(error, client_msg_id)).await;
+        let mut event = Event::error(error, client_msg_id);
+        if let Event::Error { id: slot, .. } = &mut event {
+            *slot = id;
+        }
+        self.reply(conn, event).await;
     }
 }

@@ -95,7 +95,10 @@ impl ChatConfig {
             ("router_inbox", self.router_inbox),
             ("sync_limit", self.sync_limit),
             ("max_sync_conversations", self.max_sync_conversations),
-            ("max_catch_up", usize::try_from(self.max_catch_up).unwrap_or(usize::MAX)),
+            (
+                "max_catch_up",
+                usize::try_from(self.max_catch_up).unwrap_or(usize::MAX),
+            ),
             ("max_page_size", self.max_page_size),
             ("max_group_members", self.max_group_members),
             ("push_queue", self.push_queue),

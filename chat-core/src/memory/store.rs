@@ -1,8 +1,8 @@
 //! In-memory [`MessageStore`]: the embedded default.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::ops::Bound;
@@ -474,12 +474,7 @@ impl MemoryStore {
 
     /// Adds the `users` that are not members yet (role `Member`, markers at `last_seq`),
     /// gives each join a position and indexes them; returns them.
-    fn add_to(
-        &self,
-        state: &mut ConvState,
-        users: &[UserId],
-        now: u64,
-    ) -> Vec<MembershipUpdate> {
+    fn add_to(&self, state: &mut ConvState, users: &[UserId], now: u64) -> Vec<MembershipUpdate> {
         let mut added = Vec::new();
         for user in users {
             if !state.members.contains_key(user) {

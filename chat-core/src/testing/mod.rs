@@ -6,3 +6,4 @@
 pub mod presence;
 pub mod router;
 pub mod store;
+pub mod stream;

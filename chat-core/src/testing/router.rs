@@ -58,7 +58,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::id::{ConnectionId, ConversationId, MessageId, NodeId, UserId};
-use crate::model::{Media, Message, MessageKind, ReceiptKind};
+use crate::model::{Media, Message, MessageKind, Reaction, ReceiptKind};
 use crate::protocol::Event;
 use crate::router::{DynRouter, Envelope, Inbound, Payload, Topic};
 
@@ -454,13 +454,19 @@ where
         edited_at: Some(1_717_171_717_999),
         deleted: false,
         version: 2,
-        reactions: Vec::new(),
+        reactions: vec![Reaction {
+            key: "👍".to_owned(),
+            users: vec![UserId::from("a"), UserId::from("b ✓")],
+        }],
     };
     let event = nodes[0]
         .publish(
             &topic,
             Payload::Event {
-                event: Event::Message { message, position: None },
+                event: Event::Message {
+                    message,
+                    position: None,
+                },
                 except_user: Some(UserId::from("sender ✓ \"quoted\"")),
                 except_connection: Some(ConnectionId::from_raw(u64::MAX)),
             },

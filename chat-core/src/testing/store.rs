@@ -44,7 +44,7 @@ use crate::model::{
     Conversation, ConversationKind, ConversationView, Media, Message, MessageChange, MessageKind,
     NewConversation, NewMessage, Page, ReceiptKind, Role,
 };
-use crate::store::{Appended, DynMessageStore, MarkerUpdate, MessageStore};
+use crate::store::{Appended, DynMessageStore, MembershipUpdate, MessageStore};
 
 // ------------------------------------------------------------------------------ helpers
 
@@ -223,6 +223,10 @@ impl Fixture {
     }
 }
 
+fn user_ids(updates: Vec<MembershipUpdate>) -> Vec<UserId> {
+    updates.into_iter().map(|u| u.user_id).collect()
+}
+
 fn seqs(messages: &[Message]) -> Vec<u64> {
     messages.iter().map(|m| m.seq).collect()
 }
@@ -275,11 +279,6 @@ fn assert_not_found<T: fmt::Debug>(r: crate::Result<T>, what: &str) {
 }
 
 // -------------------------------------------------------------------------------- cases
-
-/// The users of membership updates.
-fn user_ids(updates: &[crate::store::MembershipUpdate]) -> Vec<UserId> {
-    updates.iter().map(|u| u.user_id.clone()).collect()
-}
 
 /// 32 tasks × 100 appends on one conversation: seqs are exactly 1..=3200, each task sees its
 /// own seqs increase, and every returned `Appended` is the stored message.
@@ -500,7 +499,7 @@ pub async fn append_rejects_non_members_and_unknown_conversations(store: &DynMes
         .add_members(conv.id, std::slice::from_ref(&outsider), 1)
         .await
         .unwrap();
-    assert_eq!(user_ids(&added), vec![outsider.clone()]);
+    assert_eq!(user_ids(added), vec![outsider.clone()]);
     let ok = fx.new_message(conv.id, &outsider, "k1", "hello");
     let a = store.append(ok.clone()).await.unwrap();
     assert!(!a.duplicate);
@@ -835,7 +834,7 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
         .await
         .unwrap();
     assert_eq!(
-        user_ids(&added),
+        user_ids(added),
         vec![m3.clone()],
         "only users that were not members"
     );
@@ -923,12 +922,11 @@ pub async fn group_roles_and_membership_changes(store: &DynMessageStore) {
 
     // Re-adding works.
     assert_eq!(
-        user_ids(
-            &store
-                .add_members(conv.id, std::slice::from_ref(&m1), 5)
-                .await
-                .unwrap()
-        ),
+        store
+            .add_members(conv.id, std::slice::from_ref(&m1), 5)
+            .await
+            .map(user_ids)
+            .unwrap(),
         vec![m1.clone()]
     );
     fx.send(&**store, conv.id, &m1, "back").await;
@@ -947,13 +945,9 @@ pub async fn markers_move_forward_only_and_are_clamped(store: &DynMessageStore) 
         store
             .set_marker(conv.id, &a, kind, seq)
             .await
-            .map(|u| MarkerUpdate { position: None, ..u })
+            .map(|u| (u.seq, u.moved))
     };
-    let up = |seq, moved| MarkerUpdate {
-        seq,
-        moved,
-        position: None,
-    };
+    let up = |seq, moved| (seq, moved);
     use ReceiptKind::{Delivered, Read};
 
     assert_eq!(
@@ -1115,13 +1109,12 @@ pub async fn edit_and_delete_messages(store: &DynMessageStore) {
     let m2 = fx.send(&**store, conv.id, &a, "typo").await;
     let m3 = fx.send(&**store, conv.id, &b, "b's").await;
     let in_other = fx.send(&**store, other.id, &a, "elsewhere").await;
-    let change =
-        async |id, by: &UserId, ch, now| {
-            store
-                .change_message(conv.id, id, by, ch, now)
-                .await
-                .map(|u| u.message)
-        };
+    let change = async |id, by: &UserId, ch, now| {
+        store
+            .change_message(conv.id, id, by, ch, now)
+            .await
+            .map(|u| u.message)
+    };
     let edit = |s: &str| MessageChange::Edit { content: s.into() };
 
     let e1 = change(m2.message_id, &a, edit("fixed"), 1_000)
@@ -1619,25 +1612,28 @@ macro_rules! store_conformance_tests {
             concurrent_appends_keep_conversation_lists_ordered,
         );
     };
-    (@cases (plain) ($factory:expr) $($case:ident),* $(,)?) => {
+    (@cases (plain) ($factory:expr) @in $module:ident $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let store: $crate::store::DynMessageStore = ($factory)().await;
-                $crate::testing::store::$case(&store).await;
+                $crate::testing::$module::$case(&store).await;
             }
         )*
     };
-    (@cases (guard) ($factory:expr) $($case:ident),* $(,)?) => {
+    (@cases (guard) ($factory:expr) @in $module:ident $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 // The guard (e.g. the test server the store talks to) lives until the case ends.
                 let (store, guard): ($crate::store::DynMessageStore, _) = ($factory)().await;
-                $crate::testing::store::$case(&store).await;
+                $crate::testing::$module::$case(&store).await;
                 drop(store);
                 drop(guard);
             }
         )*
+    };
+    (@cases ($mode:ident) ($factory:expr) $($case:ident),* $(,)?) => {
+        $crate::store_conformance_tests!(@cases ($mode) ($factory) @in store $($case),*);
     };
 }

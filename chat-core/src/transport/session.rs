@@ -60,14 +60,29 @@ impl Session {
     /// Executes a command. Failures are answered with an `error` frame on the [`Outbound`](super::Outbound)
     /// (with the `client_msg_id` of a failed send); the session stays usable.
     pub async fn handle(&self, command: Command) {
+        self.handle_with_id(command, None).await;
+    }
+
+    /// [`Session::handle`] for a command that carried an `id` (see
+    /// [`Command::MAX_ID_BYTES`]): a failure's `error` echoes it, and a success is answered
+    /// with `ok` carrying it, after the command's other replies (`message_ack`, `sync_done`,
+    /// …). With `None` this is `handle`.
+    pub async fn handle_with_id(&self, command: Command, id: Option<String>) {
         let client_msg_id = match &command {
             Command::Message(m) => Some(m.client_msg_id.clone()),
             _ => None,
         };
-        if let Err(err) = self.execute(command).await {
-            self.chat
-                .command_failed(&self.conn, &err, client_msg_id)
-                .await;
+        match self.execute(command).await {
+            Ok(()) => {
+                if let Some(id) = id {
+                    self.reply(Event::Ok { id }).await;
+                }
+            }
+            Err(err) => {
+                self.chat
+                    .command_failed_with_id(&self.conn, &err, client_msg_id, id)
+                    .await;
+            }
         }
     }
 

@@ -132,7 +132,7 @@ pub async fn expect_nothing(c: &mut InProcessClient) {
         Ok(Some(Event::SyncDone {
             conversations,
             more,
-            streams: Default::default(),
+            ..
         })) if conversations.is_empty() && more.is_empty() => {}
         Ok(Some(e)) => panic!("{}: unexpected event {e:?}", c.user_id()),
         // Closed (and drained) or the barrier itself never came back: nothing arrived.
@@ -232,8 +232,31 @@ impl chat_core::MessageStore for FaultStore {
         by: &UserId,
         change: chat_core::model::MessageChange,
         now: u64,
-    ) -> chat_core::Result<Message> {
+    ) -> chat_core::Result<chat_core::store::MessageUpdate> {
         self.inner.change_message(c, id, by, change, now).await
+    }
+    async fn react(
+        &self,
+        c: ConversationId,
+        id: chat_core::MessageId,
+        u: &UserId,
+        key: Option<&str>,
+    ) -> chat_core::Result<chat_core::store::MessageUpdate> {
+        self.inner.react(c, id, u, key).await
+    }
+    async fn stream(
+        &self,
+        c: ConversationId,
+    ) -> chat_core::Result<Option<chat_core::model::StreamPosition>> {
+        self.inner.stream(c).await
+    }
+    async fn changes_after(
+        &self,
+        c: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> chat_core::Result<Option<chat_core::model::ChangePage>> {
+        self.inner.changes_after(c, after, limit).await
     }
     async fn history(
         &self,
@@ -278,10 +301,14 @@ impl chat_core::MessageStore for FaultStore {
         c: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> chat_core::Result<Vec<UserId>> {
+    ) -> chat_core::Result<Vec<chat_core::store::MembershipUpdate>> {
         self.inner.add_members(c, users, now).await
     }
-    async fn remove_member(&self, c: ConversationId, u: &UserId) -> chat_core::Result<bool> {
+    async fn remove_member(
+        &self,
+        c: ConversationId,
+        u: &UserId,
+    ) -> chat_core::Result<Option<chat_core::store::MembershipUpdate>> {
         self.inner.remove_member(c, u).await
     }
     async fn conversation_ids(&self, u: &UserId) -> chat_core::Result<Vec<ConversationId>> {

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    Conversation, ConversationKind, ConversationView, Media, Member, Message, MessageChange,
-    NewConversation, NewMessage, Page, ReceiptKind, Role, direct_key,
+    ChangePage, Conversation, ConversationKind, ConversationView, Media, Member, Message,
+    MessageChange, NewConversation, NewMessage, Page, ReceiptKind, Role, StreamPosition,
+    direct_key,
 };
 use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
@@ -1389,6 +1390,37 @@ impl MessageStore for ScyllaStore {
                 .transpose()
         })
         .await
+    }
+
+    /// Reactions need the change stream, which this store does not keep yet.
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        _id: MessageId,
+        _user: &UserId,
+        _key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        self.bounded(self.existing(conversation)).await?;
+        Err(Error::invalid(
+            "reactions are not supported by ScyllaStore yet (it keeps no change stream)",
+        ))
+    }
+
+    /// No change stream yet: `None` (the engine's `sync` then replays new messages by seq).
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        self.bounded(self.existing(conversation)).await?;
+        Ok(None)
+    }
+
+    /// No change stream yet: `None`.
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        _after: u64,
+        _limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        self.bounded(self.existing(conversation)).await?;
+        Ok(None)
     }
 
     async fn add_members(

@@ -124,7 +124,7 @@ impl DecodeError {
 
 /// The JSON `type`s of [`Command`]s. Only used to tell "unknown type" from "bad fields" once
 /// decoding failed; a valid frame never looks here.
-const CLIENT_TYPES: [&str; 10] = [
+const CLIENT_TYPES: [&str; 12] = [
     "message",
     "typing",
     "delivered",
@@ -135,10 +135,12 @@ const CLIENT_TYPES: [&str; 10] = [
     "presence_subscribe",
     "presence_unsubscribe",
     "refresh",
+    "react",
+    "unreact",
 ];
 
 /// The JSON `type`s of [`Event`]s.
-const SERVER_TYPES: [&str; 12] = [
+const SERVER_TYPES: [&str; 15] = [
     "message_ack",
     "message",
     "typing",
@@ -151,6 +153,9 @@ const SERVER_TYPES: [&str; 12] = [
     "session",
     "refreshed",
     "error",
+    "reaction",
+    "reset",
+    "ok",
 ];
 
 /// Longest unknown `type` echoed back in an error, in bytes.
@@ -214,12 +219,32 @@ impl Codec {
         frame.encoded(self.slot(), |event| self.encode(event))
     }
 
-    /// Decodes a client frame (client → server).
+    /// Decodes a client frame (client → server), ignoring its `id`.
     pub fn decode(self, payload: &[u8]) -> Result<Command, DecodeError> {
-        match self {
-            Self::Json => decode_json(payload, &CLIENT_TYPES),
-            Self::Proto => Command::try_from(decode_proto::<pb::ClientFrame>(payload)?),
+        self.decode_request(payload).map(|(command, _)| command)
+    }
+
+    /// Decodes a client frame and its optional `id` (1..=64 bytes; any command may carry one,
+    /// see [`Session::handle_with_id`](chat_core::Session::handle_with_id)).
+    pub fn decode_request(self, payload: &[u8]) -> Result<(Command, Option<String>), DecodeError> {
+        let (command, id) = match self {
+            Self::Json => {
+                let command = decode_json(payload, &CLIENT_TYPES)?;
+                (command, json_id(payload)?)
+            }
+            Self::Proto => {
+                let mut frame = decode_proto::<pb::ClientFrame>(payload)?;
+                let id = frame.id.take();
+                (Command::try_from(frame)?, id)
+            }
+        };
+        if let Some(id) = &id {
+            Command::validate_id(id).map_err(|_| DecodeError::InvalidFields {
+                frame: command.type_name().to_owned(),
+                reason: "id must be a string of 1 to 64 bytes".to_owned(),
+            })?;
         }
+        Ok((command, id))
     }
 
     /// Encodes a client frame (for Rust clients: tests, the load generator, bots).
@@ -264,6 +289,25 @@ fn decode_proto<M: prost::Message + Default>(payload: &[u8]) -> Result<M, Decode
 
 /// Decodes a JSON frame in one pass; only when that fails does it look again to say why
 /// (not an object? no `type`? an unknown `type`? bad fields of a known one?).
+/// The top-level `id` of a JSON client frame that already decoded. Parsed a second time only
+/// when the bytes `"id"` occur at all, so frames without one (the common case) pay a scan.
+fn json_id(payload: &[u8]) -> Result<Option<String>, DecodeError> {
+    if !payload.windows(4).any(|w| w == b"\"id\"") {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        #[serde(default)]
+        id: Option<String>,
+    }
+    serde_json::from_slice::<Id>(payload)
+        .map(|f| f.id)
+        .map_err(|_| DecodeError::InvalidFields {
+            frame: "command".to_owned(),
+            reason: "id must be a string of 1 to 64 bytes".to_owned(),
+        })
+}
+
 fn decode_json<T: DeserializeOwned>(payload: &[u8], known: &[&str]) -> Result<T, DecodeError> {
     let text = std::str::from_utf8(payload).map_err(|e| DecodeError::NotUtf8 {
         valid_up_to: e.valid_up_to(),
@@ -418,7 +462,10 @@ mod tests {
                 message: message.clone(),
                 position: None,
             },
-            Event::MessageDeleted { message, position: None },
+            Event::MessageDeleted {
+                message,
+                position: None,
+            },
             Event::SyncDone {
                 conversations: Default::default(),
                 more: vec![],
@@ -451,6 +498,7 @@ mod tests {
                 code: ErrorCode::Invalid,
                 message: String::new(),
                 client_msg_id: None,
+                id: None,
             },
         ];
         let names: Vec<_> = events.iter().map(Event::type_name).collect();

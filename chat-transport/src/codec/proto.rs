@@ -7,8 +7,10 @@
 //! [`Command`] and [`Event`] are exhaustive, so a new variant in `chat-core` fails to compile
 //! here until it has a protobuf encoding.
 
-use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
-use chat_core::protocol::{MembershipChange, SendMessage, SessionLimits};
+use chat_core::model::{
+    Media, Message, MessageKind, PresenceStatus, Reaction, ReceiptKind, StreamPosition,
+};
+use chat_core::protocol::{MembershipChange, ResetReason, SendMessage, SessionLimits, SyncFrom};
 use chat_core::{
     Command, ConnectionId, ConversationId, ErrorCode, Event, MessageId, NodeId, UserId,
 };
@@ -136,8 +138,43 @@ fn media_from_pb(m: pb::Media) -> Media {
     }
 }
 
-fn message_to_pb(m: &Message) -> pb::MessageEvent {
+fn reactions_to_pb(reactions: &[Reaction]) -> Vec<pb::Reaction> {
+    reactions
+        .iter()
+        .map(|r| pb::Reaction {
+            key: r.key.clone(),
+            users: r.users.iter().map(ToString::to_string).collect(),
+        })
+        .collect()
+}
+
+fn reactions_from_pb(reactions: Vec<pb::Reaction>) -> Vec<Reaction> {
+    reactions
+        .into_iter()
+        .map(|r| Reaction {
+            key: r.key,
+            users: r.users.into_iter().map(UserId::from).collect(),
+        })
+        .collect()
+}
+
+fn stream_to_pb(s: &StreamPosition) -> pb::StreamPosition {
+    pb::StreamPosition {
+        epoch: s.epoch,
+        position: s.position,
+    }
+}
+
+fn stream_from_pb(s: pb::StreamPosition) -> StreamPosition {
+    StreamPosition {
+        epoch: s.epoch,
+        position: s.position,
+    }
+}
+
+fn message_to_pb(m: &Message, position: Option<u64>) -> pb::MessageEvent {
     pb::MessageEvent {
+        position,
         message: Some(pb::Message {
             message_id: m.message_id.get(),
             conversation_id: m.conversation_id.get(),
@@ -152,18 +189,20 @@ fn message_to_pb(m: &Message) -> pb::MessageEvent {
             edited_at: m.edited_at,
             deleted: m.deleted,
             version: m.version,
+            reactions: reactions_to_pb(&m.reactions),
         }),
     }
 }
 
-/// `case` names the `ServerFrame` case in errors.
-fn message_from_pb(e: pb::MessageEvent, case: &str) -> Result<Message, DecodeError> {
+/// `case` names the `ServerFrame` case in errors. Returns the message and the event's position.
+fn message_from_pb(e: pb::MessageEvent, case: &str) -> Result<(Message, Option<u64>), DecodeError> {
+    let position = e.position;
     let m = e.message.ok_or_else(|| {
         invalid(format!(
             "ServerFrame.{case}: MessageEvent.message is not set"
         ))
     })?;
-    Ok(Message {
+    let message = Message {
         message_id: MessageId::from_raw(m.message_id),
         conversation_id: ConversationId::from_raw(m.conversation_id),
         seq: m.seq,
@@ -177,7 +216,9 @@ fn message_from_pb(e: pb::MessageEvent, case: &str) -> Result<Message, DecodeErr
         edited_at: m.edited_at,
         deleted: m.deleted,
         version: m.version,
-    })
+        reactions: reactions_from_pb(m.reactions),
+    };
+    Ok((message, position))
 }
 
 fn users_to_pb(ids: &[UserId]) -> pb::UserIds {
@@ -238,8 +279,37 @@ impl From<&Command> for pb::ClientFrame {
                 conversation_id: conversation_id.get(),
                 message_id: message_id.get(),
             }),
-            Command::Sync { conversations, .. } => CF::Sync(pb::Sync {
+            Command::React {
+                conversation_id,
+                message_id,
+                key,
+            } => CF::React(pb::React {
+                conversation_id: conversation_id.get(),
+                message_id: message_id.get(),
+                key: key.clone(),
+            }),
+            Command::Unreact {
+                conversation_id,
+                message_id,
+            } => CF::Unreact(pb::Unreact {
+                conversation_id: conversation_id.get(),
+                message_id: message_id.get(),
+            }),
+            Command::Sync {
+                conversations,
+                streams,
+            } => CF::Sync(pb::Sync {
                 conversations: conversations.iter().map(|(k, v)| (k.get(), *v)).collect(),
+                streams: streams
+                    .iter()
+                    .map(|(k, v)| {
+                        let from = pb::SyncFrom {
+                            epoch: v.epoch,
+                            position: v.position,
+                        };
+                        (k.get(), from)
+                    })
+                    .collect(),
             }),
             Command::PresenceSubscribe { user_ids } => CF::PresenceSubscribe(users_to_pb(user_ids)),
             Command::PresenceUnsubscribe { user_ids } => {
@@ -249,7 +319,10 @@ impl From<&Command> for pb::ClientFrame {
                 token: token.clone(),
             }),
         };
-        pb::ClientFrame { frame: Some(frame) }
+        pb::ClientFrame {
+            frame: Some(frame),
+            id: None,
+        }
     }
 }
 
@@ -298,7 +371,26 @@ impl TryFrom<pb::ClientFrame> for Command {
                     .into_iter()
                     .map(|(k, v)| (ConversationId::from_raw(k), v))
                     .collect(),
-                streams: Default::default(),
+                streams: s
+                    .streams
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let from = SyncFrom {
+                            epoch: v.epoch,
+                            position: v.position,
+                        };
+                        (ConversationId::from_raw(k), from)
+                    })
+                    .collect(),
+            },
+            CF::React(r) => Command::React {
+                conversation_id: ConversationId::from_raw(r.conversation_id),
+                message_id: MessageId::from_raw(r.message_id),
+                key: r.key,
+            },
+            CF::Unreact(r) => Command::Unreact {
+                conversation_id: ConversationId::from_raw(r.conversation_id),
+                message_id: MessageId::from_raw(r.message_id),
             },
             CF::PresenceSubscribe(u) => Command::PresenceSubscribe {
                 user_ids: users_from_pb(u)?,
@@ -320,15 +412,16 @@ impl From<&Event> for pb::ServerFrame {
                 message_id,
                 seq,
                 timestamp,
-                ..,
+                position,
             } => SF::MessageAck(pb::MessageAck {
                 client_msg_id: client_msg_id.clone(),
                 conversation_id: conversation_id.get(),
                 message_id: message_id.get(),
                 seq: *seq,
                 timestamp: *timestamp,
+                position: *position,
             }),
-            Event::Message { message, .. } => SF::Message(message_to_pb(message)),
+            Event::Message { message, position } => SF::Message(message_to_pb(message, *position)),
             Event::Typing {
                 conversation_id,
                 user_id,
@@ -341,22 +434,58 @@ impl From<&Event> for pb::ServerFrame {
                 user_id,
                 kind,
                 seq,
-                ..,
+                position,
             } => SF::Receipt(pb::Receipt {
                 conversation_id: conversation_id.get(),
                 user_id: user_id.to_string(),
                 kind: receipt_kind_to_pb(*kind),
                 seq: *seq,
+                position: *position,
             }),
-            Event::MessageEdited { message, .. } => SF::MessageEdited(message_to_pb(message)),
-            Event::MessageDeleted { message, .. } => SF::MessageDeleted(message_to_pb(message)),
+            Event::MessageEdited { message, position } => {
+                SF::MessageEdited(message_to_pb(message, *position))
+            }
+            Event::MessageDeleted { message, position } => {
+                SF::MessageDeleted(message_to_pb(message, *position))
+            }
+            Event::Reaction {
+                conversation_id,
+                message_id,
+                user_id,
+                key,
+                reactions,
+                position,
+            } => SF::Reaction(pb::ReactionEvent {
+                conversation_id: conversation_id.get(),
+                message_id: message_id.get(),
+                user_id: user_id.to_string(),
+                key: key.clone(),
+                reactions: reactions_to_pb(reactions),
+                position: *position,
+            }),
+            Event::Reset {
+                conversation_id,
+                stream,
+                reason,
+            } => SF::Reset(pb::Reset {
+                conversation_id: conversation_id.get(),
+                stream: Some(stream_to_pb(stream)),
+                reason: match reason {
+                    ResetReason::Epoch => pb::ResetReason::Epoch,
+                    ResetReason::TooFarBehind => pb::ResetReason::TooFarBehind,
+                } as i32,
+            }),
             Event::SyncDone {
                 conversations,
                 more,
-                ..,
+                streams,
             } => SF::SyncDone(pb::SyncDone {
                 conversations: conversations.iter().map(|(k, v)| (k.get(), *v)).collect(),
                 more: more.iter().map(|c| c.get()).collect(),
+                streams: streams
+                    .iter()
+                    .map(|(k, v)| (k.get(), stream_to_pb(v)))
+                    .collect(),
             }),
             Event::Presence {
                 user_id,
@@ -371,8 +500,9 @@ impl From<&Event> for pb::ServerFrame {
                 conversation_id,
                 user_id,
                 change,
-                ..,
+                position,
             } => SF::Membership(pb::Membership {
+                position: *position,
                 conversation_id: conversation_id.get(),
                 user_id: user_id.to_string(),
                 change: match change {
@@ -384,11 +514,14 @@ impl From<&Event> for pb::ServerFrame {
                 code,
                 message,
                 client_msg_id,
+                id,
             } => SF::Error(pb::Error {
                 code: code_to_pb(*code),
                 message: message.clone(),
                 client_msg_id: client_msg_id.clone(),
+                id: id.clone(),
             }),
+            Event::Ok { id } => SF::Ok(pb::Ok { id: id.clone() }),
             Event::Session {
                 user_id,
                 connection_id,
@@ -431,12 +564,12 @@ impl TryFrom<pb::ServerFrame> for Event {
                 message_id: MessageId::from_raw(a.message_id),
                 seq: a.seq,
                 timestamp: a.timestamp,
-                position: None,
+                position: a.position,
             },
-            SF::Message(m) => Event::Message {
-                message: message_from_pb(m, "message")?,
-                position: None,
-            },
+            SF::Message(m) => {
+                let (message, position) = message_from_pb(m, "message")?;
+                Event::Message { message, position }
+            }
             SF::Typing(t) => Event::Typing {
                 conversation_id: ConversationId::from_raw(t.conversation_id),
                 user_id: UserId::from(t.user_id),
@@ -446,15 +579,40 @@ impl TryFrom<pb::ServerFrame> for Event {
                 user_id: UserId::from(r.user_id),
                 kind: receipt_kind_from_pb(r.kind)?,
                 seq: r.seq,
-                position: None,
+                position: r.position,
             },
-            SF::MessageEdited(m) => Event::MessageEdited {
-                message: message_from_pb(m, "message_edited")?,
-                position: None,
+            SF::MessageEdited(m) => {
+                let (message, position) = message_from_pb(m, "message_edited")?;
+                Event::MessageEdited { message, position }
+            }
+            SF::MessageDeleted(m) => {
+                let (message, position) = message_from_pb(m, "message_deleted")?;
+                Event::MessageDeleted { message, position }
+            }
+            SF::Reaction(r) => Event::Reaction {
+                conversation_id: ConversationId::from_raw(r.conversation_id),
+                message_id: MessageId::from_raw(r.message_id),
+                user_id: UserId::from(r.user_id),
+                key: r.key,
+                reactions: reactions_from_pb(r.reactions),
+                position: r.position,
             },
-            SF::MessageDeleted(m) => Event::MessageDeleted {
-                message: message_from_pb(m, "message_deleted")?,
-                position: None,
+            SF::Reset(r) => Event::Reset {
+                conversation_id: ConversationId::from_raw(r.conversation_id),
+                stream: stream_from_pb(
+                    r.stream
+                        .ok_or_else(|| invalid("Reset.stream is not set".to_owned()))?,
+                ),
+                reason: match pb::ResetReason::try_from(r.reason) {
+                    Ok(pb::ResetReason::Epoch) => ResetReason::Epoch,
+                    Ok(pb::ResetReason::TooFarBehind) => ResetReason::TooFarBehind,
+                    _ => {
+                        return Err(invalid(format!(
+                            "Reset.reason: invalid ResetReason value {}",
+                            r.reason
+                        )));
+                    }
+                },
             },
             SF::SyncDone(s) => Event::SyncDone {
                 conversations: s
@@ -463,7 +621,11 @@ impl TryFrom<pb::ServerFrame> for Event {
                     .map(|(k, v)| (ConversationId::from_raw(k), v))
                     .collect(),
                 more: s.more.into_iter().map(ConversationId::from_raw).collect(),
-                streams: Default::default(),
+                streams: s
+                    .streams
+                    .into_iter()
+                    .map(|(k, v)| (ConversationId::from_raw(k), stream_from_pb(v)))
+                    .collect(),
             },
             SF::Presence(p) => Event::Presence {
                 user_id: UserId::from(p.user_id),
@@ -483,13 +645,15 @@ impl TryFrom<pb::ServerFrame> for Event {
                         )));
                     }
                 },
-                position: None,
+                position: m.position,
             },
             SF::Error(e) => Event::Error {
                 code: code_from_pb(e.code)?,
                 message: e.message,
                 client_msg_id: e.client_msg_id,
+                id: e.id,
             },
+            SF::Ok(o) => Event::Ok { id: o.id },
             SF::Session(s) => {
                 let limits = s
                     .limits

@@ -207,8 +207,10 @@ impl Chat {
                 delivered,
                 read,
             } => {
-                for (kind, seq) in [(ReceiptKind::Delivered, delivered), (ReceiptKind::Read, read)]
-                {
+                for (kind, seq) in [
+                    (ReceiptKind::Delivered, delivered),
+                    (ReceiptKind::Read, read),
+                ] {
                     self.reply(
                         conn,
                         Event::Receipt {
