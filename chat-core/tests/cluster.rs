@@ -104,7 +104,14 @@ async fn a_direct_chat_across_nodes_carries_messages_typing_and_receipts() {
             seq: 1,
         })
         .await;
-    for client in [&mut alice, &mut alice_tablet, &mut bob_laptop] {
+    // Every member device gets it, the reporting one too (it carries the change-stream
+    // position the reporter needs to notice a missed change).
+    for client in [
+        &mut alice,
+        &mut alice_tablet,
+        &mut bob_laptop,
+        &mut bob_phone,
+    ] {
         match next(client).await {
             Event::Receipt {
                 user_id, kind, seq, ..

@@ -478,6 +478,19 @@ async fn rate_limit_counts_sends_edits_deletes_but_not_typing_or_receipts() {
             })
             .await;
     }
+    // Not limited: the first read moved the marker (alice's own device gets the receipt,
+    // with its change-stream position); the other nine moved nothing.
+    expect(&mut alice, "receipt", |e| {
+        matches!(
+            e,
+            Event::Receipt {
+                seq: 1,
+                position: Some(_),
+                ..
+            }
+        )
+    })
+    .await;
     expect_nothing(&mut alice).await;
     // Another user has their own bucket.
     let mut bob = h.connect("bob").await;
@@ -601,7 +614,8 @@ async fn receipts_reach_other_members_and_the_readers_other_devices() {
         seq: 2,
     })
     .await;
-    for c in [&mut alice, &mut b2] {
+    // Every member device, the reporting one too (positions: the messages took 1..=3).
+    for c in [&mut alice, &mut b2, &mut b1] {
         let e1 = next(c).await;
         let e2 = next(c).await;
         assert_eq!(
@@ -611,7 +625,7 @@ async fn receipts_reach_other_members_and_the_readers_other_devices() {
                 user_id: UserId::from("bob"),
                 kind: ReceiptKind::Delivered,
                 seq: 3,
-                position: None,
+                position: Some(4),
             }
         );
         assert_eq!(
@@ -621,11 +635,11 @@ async fn receipts_reach_other_members_and_the_readers_other_devices() {
                 user_id: UserId::from("bob"),
                 kind: ReceiptKind::Read,
                 seq: 2,
-                position: None,
+                position: Some(5),
             }
         );
     }
-    // Not to the reporting device; a marker moving backwards sends nothing.
+    // Nothing else; a marker moving backwards sends nothing.
     expect_nothing(&mut b1).await;
     b2.send(Command::Read {
         conversation_id: conv,
@@ -825,7 +839,7 @@ async fn sync_after_a_missed_stretch_replays_everything_in_order() {
                 Event::SyncDone {
                     conversations,
                     more,
-                    ..,
+                    ..
                 } => break (conversations, more),
                 other => panic!("{other:?}"),
             }
@@ -1011,7 +1025,7 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
         conversation_id: conv,
         user_id: carol_id.clone(),
         change: chat_core::protocol::MembershipChange::Joined,
-        ..,
+        position: Some(1),
     };
     assert_eq!(next(&mut carol).await, joined);
     assert_eq!(next(&mut bob).await, joined);
@@ -1038,7 +1052,7 @@ async fn members_are_managed_by_owners_and_admins_and_removed_members_see_nothin
         conversation_id: conv,
         user_id: carol_id.clone(),
         change: chat_core::protocol::MembershipChange::Left,
-        ..,
+        position: Some(3),
     };
     assert_eq!(next(&mut carol).await, left);
     assert_eq!(next(&mut bob).await, left);

@@ -30,6 +30,7 @@ fn message() -> Message {
         edited_at: None,
         deleted: false,
         version: 1,
+        reactions: Vec::new(),
     }
 }
 
@@ -103,14 +104,18 @@ fn server_frames_encode_to_the_documented_json() {
         message_id: MessageId::from_raw(9_007_199_254_740_993),
         seq: 3,
         timestamp: 1_700_000_000_000,
-        ..,
+        position: None,
     };
     assert_eq!(
         serde_json::to_value(&ack).unwrap(),
         json!({"type": "message_ack", "client_msg_id": "c-1", "conversation_id": "7",
                "message_id": "9007199254740993", "seq": 3, "timestamp": 1_700_000_000_000u64})
     );
-    let msg = serde_json::to_value(Event::Message { message: message(), .. }).unwrap();
+    let msg = serde_json::to_value(Event::Message {
+        message: message(),
+        position: None,
+    })
+    .unwrap();
     assert_eq!(msg["type"], "message");
     assert_eq!(msg["message"]["message_id"], "9007199254740993");
     assert_eq!(msg["message"]["kind"], "image");
@@ -141,7 +146,7 @@ fn server_frames_encode_to_the_documented_json() {
         user_id: UserId::from("bob"),
         kind: ReceiptKind::Read,
         seq: 2,
-        ..,
+        position: None,
     };
     assert_eq!(
         serde_json::to_value(&receipt).unwrap(),
@@ -150,7 +155,7 @@ fn server_frames_encode_to_the_documented_json() {
     let done = Event::SyncDone {
         conversations: BTreeMap::from([(ConversationId::from_raw(7), 3)]),
         more: vec![],
-        ..,
+        streams: Default::default(),
     };
     assert_eq!(
         serde_json::to_value(&done).unwrap(),
@@ -160,7 +165,10 @@ fn server_frames_encode_to_the_documented_json() {
 
 #[test]
 fn frames_cache_one_encoding_per_codec() {
-    let frame = chat_core::Frame::new(Event::Message { message: message(), .. });
+    let frame = chat_core::Frame::new(Event::Message {
+        message: message(),
+        position: None,
+    });
     let mut calls = 0;
     let a = frame.encoded(0, |e| {
         calls += 1;
@@ -190,7 +198,10 @@ fn arb_event() -> impl Strategy<Value = Event> {
             m.message_id = MessageId::from_raw(i);
             m.content = content;
             m.deleted = deleted;
-            Event::Message { message: m, position: None }
+            Event::Message {
+                message: m,
+                position: None,
+            }
         }),
         (id, "[a-z]{1,10}").prop_map(|(i, u)| Event::Typing {
             conversation_id: ConversationId::from_raw(i),
@@ -240,7 +251,10 @@ proptest! {
 
 #[test]
 fn frames_cache_one_prepared_value_per_slot() {
-    let frame = chat_core::Frame::new(Event::Message { message: message(), .. });
+    let frame = chat_core::Frame::new(Event::Message {
+        message: message(),
+        position: None,
+    });
     let mut calls = 0;
     let a: Option<std::sync::Arc<str>> = frame.prepared(1, |_| {
         calls += 1;

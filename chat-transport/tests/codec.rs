@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use chat_core::model::{Media, Message, MessageKind, PresenceStatus, ReceiptKind};
-use chat_core::protocol::{SendMessage, SessionLimits};
+use chat_core::model::{
+    Media, Message, MessageKind, PresenceStatus, Reaction, ReceiptKind, StreamPosition,
+};
+use chat_core::protocol::{ResetReason, SendMessage, SessionLimits, SyncFrom};
 use chat_core::{
     Command, ConnectionId, ConversationId, ErrorCode, Event, Frame, MessageId, NodeId, UserId,
 };
@@ -41,6 +43,20 @@ fn message(id: u64, media: bool, edited: bool) -> Message {
         edited_at: edited.then_some(1_700_000_000_001),
         deleted: edited,
         version: if edited { u32::MAX } else { 1 },
+        reactions: if edited {
+            Vec::new()
+        } else {
+            vec![
+                Reaction {
+                    key: "👍".into(),
+                    users: vec![UserId::from("a"), UserId::from("ü 🚀")],
+                },
+                Reaction {
+                    key: "party_parrot".into(),
+                    users: vec![UserId::from("b")],
+                },
+            ]
+        },
     }
 }
 
@@ -130,6 +146,34 @@ fn all_commands() -> Vec<Command> {
         Command::Refresh {
             token: String::new(),
         },
+        Command::React {
+            conversation_id: c,
+            message_id: MessageId::from_raw(u64::MAX),
+            key: "🎉".into(),
+        },
+        Command::Unreact {
+            conversation_id: c,
+            message_id: MessageId::from_raw(7),
+        },
+        Command::Sync {
+            conversations: BTreeMap::from([(c, 3)]),
+            streams: BTreeMap::from([
+                (
+                    ConversationId::from_raw(1),
+                    SyncFrom {
+                        epoch: Some(u64::MAX >> 1),
+                        position: u64::MAX,
+                    },
+                ),
+                (
+                    ConversationId::from_raw(2),
+                    SyncFrom {
+                        epoch: None,
+                        position: 0,
+                    },
+                ),
+            ]),
+        },
     ]
 }
 
@@ -142,7 +186,7 @@ fn all_events() -> Vec<Event> {
             message_id: MessageId::from_raw(u64::MAX),
             seq: 1,
             timestamp: u64::MAX,
-            position: None,
+            position: Some(3),
         },
         Event::MessageAck {
             client_msg_id: String::new(),
@@ -249,6 +293,69 @@ fn all_events() -> Vec<Event> {
             expires_at: Some(1_700_000_060_000),
         },
         Event::Refreshed { expires_at: None },
+        Event::Message {
+            message: message(11, false, false),
+            position: Some(u64::MAX),
+        },
+        Event::Receipt {
+            conversation_id: c,
+            user_id: UserId::from("r"),
+            kind: ReceiptKind::Delivered,
+            seq: 4,
+            position: Some(17),
+        },
+        Event::Reaction {
+            conversation_id: c,
+            message_id: MessageId::from_raw(5),
+            user_id: UserId::from("ü 🚀"),
+            key: Some("👍".into()),
+            reactions: message(5, false, false).reactions,
+            position: Some(18),
+        },
+        Event::Reaction {
+            conversation_id: c,
+            message_id: MessageId::from_raw(5),
+            user_id: UserId::from("b"),
+            key: None,
+            reactions: Vec::new(),
+            position: None,
+        },
+        Event::Reset {
+            conversation_id: c,
+            stream: StreamPosition {
+                epoch: 1,
+                position: 0,
+            },
+            reason: ResetReason::Epoch,
+        },
+        Event::Reset {
+            conversation_id: c,
+            stream: StreamPosition {
+                epoch: u64::MAX,
+                position: u64::MAX,
+            },
+            reason: ResetReason::TooFarBehind,
+        },
+        Event::SyncDone {
+            conversations: BTreeMap::new(),
+            more: vec![c],
+            streams: BTreeMap::from([(
+                c,
+                StreamPosition {
+                    epoch: 42,
+                    position: 9,
+                },
+            )]),
+        },
+        Event::Ok {
+            id: "cmd-1 ✓".into(),
+        },
+        Event::Error {
+            code: ErrorCode::Invalid,
+            message: "bad".into(),
+            client_msg_id: None,
+            id: Some("cmd-2".into()),
+        },
         Event::Error {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
@@ -528,7 +635,11 @@ fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
 }
 
 fn client(frame: CF) -> Vec<u8> {
-    pb::ClientFrame { frame: Some(frame) }.encode_to_vec()
+    pb::ClientFrame {
+        frame: Some(frame),
+        id: None,
+    }
+    .encode_to_vec()
 }
 
 fn server(frame: SF) -> Vec<u8> {
@@ -581,13 +692,25 @@ fn protobuf_rejects_what_it_cannot_represent() {
 
     // A message event without its message.
     for (frame, name) in [
-        (SF::Message(pb::MessageEvent { message: None }), "message"),
         (
-            SF::MessageEdited(pb::MessageEvent { message: None }),
+            SF::Message(pb::MessageEvent {
+                message: None,
+                position: None,
+            }),
+            "message",
+        ),
+        (
+            SF::MessageEdited(pb::MessageEvent {
+                message: None,
+                position: None,
+            }),
             "message_edited",
         ),
         (
-            SF::MessageDeleted(pb::MessageEvent { message: None }),
+            SF::MessageDeleted(pb::MessageEvent {
+                message: None,
+                position: None,
+            }),
             "message_deleted",
         ),
     ] {
@@ -617,6 +740,7 @@ fn protobuf_rejects_what_it_cannot_represent() {
             user_id: "u".into(),
             kind,
             seq: 1,
+            position: None,
         });
         invalid_proto(Codec::Proto.decode_event(&server(frame)), "Receipt.kind");
     }
@@ -633,6 +757,7 @@ fn protobuf_rejects_what_it_cannot_represent() {
             code,
             message: String::new(),
             client_msg_id: None,
+            id: None,
         });
         invalid_proto(Codec::Proto.decode_event(&server(frame)), "Error.code");
     }
@@ -811,7 +936,10 @@ fn arb_command() -> BoxedStrategy<Command> {
             conversation_id,
             message_id
         }),
-        arb_seq_map().prop_map(|conversations| Command::Sync { conversations, streams: Default::default() }),
+        arb_seq_map().prop_map(|conversations| Command::Sync {
+            conversations,
+            streams: Default::default()
+        }),
         prop::collection::vec(arb_user(), 0..5)
             .prop_map(|user_ids| Command::PresenceSubscribe { user_ids }),
         prop::collection::vec(arb_user(), 0..5)
@@ -858,6 +986,7 @@ fn arb_message() -> BoxedStrategy<Message> {
                 edited_at,
                 deleted,
                 version,
+                reactions: Vec::new(),
             },
         )
         .boxed()
@@ -888,7 +1017,10 @@ fn arb_event() -> BoxedStrategy<Event> {
                     }
                 }
             ),
-        arb_message().prop_map(|message| Event::Message { message, position: None }),
+        arb_message().prop_map(|message| Event::Message {
+            message,
+            position: None
+        }),
         (arb_conv(), arb_user()).prop_map(|(conversation_id, user_id)| Event::Typing {
             conversation_id,
             user_id
@@ -906,8 +1038,14 @@ fn arb_event() -> BoxedStrategy<Event> {
                 seq,
                 position: None,
             }),
-        arb_message().prop_map(|message| Event::MessageEdited { message, position: None }),
-        arb_message().prop_map(|message| Event::MessageDeleted { message, position: None }),
+        arb_message().prop_map(|message| Event::MessageEdited {
+            message,
+            position: None
+        }),
+        arb_message().prop_map(|message| Event::MessageDeleted {
+            message,
+            position: None
+        }),
         (arb_seq_map(), prop::collection::vec(arb_conv(), 0..4)).prop_map(
             |(conversations, more)| Event::SyncDone {
                 conversations,

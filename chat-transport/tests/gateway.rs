@@ -64,14 +64,18 @@ async fn typing_receipts_edits_deletes_sync_and_presence_frames() {
         .await;
     bob.send(json!({"type": "read", "conversation_id": conv, "seq": 1}))
         .await;
-    assert_eq!(
-        alice.recv().await,
-        json!({"type": "receipt", "conversation_id": conv, "user_id": "bob", "kind": "delivered", "seq": 1})
-    );
-    assert_eq!(
-        alice.recv().await,
-        json!({"type": "receipt", "conversation_id": conv, "user_id": "bob", "kind": "read", "seq": 1})
-    );
+    // Every member device gets them, bob's own too, each with its change-stream position
+    // (the message took 1).
+    for device in [&mut alice, &mut bob] {
+        assert_eq!(
+            device.recv().await,
+            json!({"type": "receipt", "conversation_id": conv, "user_id": "bob", "kind": "delivered", "seq": 1, "position": 2})
+        );
+        assert_eq!(
+            device.recv().await,
+            json!({"type": "receipt", "conversation_id": conv, "user_id": "bob", "kind": "read", "seq": 1, "position": 3})
+        );
+    }
 
     alice
         .send(json!({"type": "edit", "conversation_id": conv, "message_id": ack["message_id"], "content": "first!"}))

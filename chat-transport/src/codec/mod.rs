@@ -418,6 +418,15 @@ mod tests {
             Command::Refresh {
                 token: String::new(),
             },
+            Command::React {
+                conversation_id: c,
+                message_id: m,
+                key: "k".into(),
+            },
+            Command::Unreact {
+                conversation_id: c,
+                message_id: m,
+            },
         ];
         let names: Vec<_> = commands.iter().map(Command::type_name).collect();
         assert_eq!(names, CLIENT_TYPES);
@@ -500,6 +509,23 @@ mod tests {
                 client_msg_id: None,
                 id: None,
             },
+            Event::Reaction {
+                conversation_id: c,
+                message_id: m,
+                user_id: "u".into(),
+                key: None,
+                reactions: vec![],
+                position: None,
+            },
+            Event::Reset {
+                conversation_id: c,
+                stream: chat_core::model::StreamPosition {
+                    epoch: 1,
+                    position: 1,
+                },
+                reason: chat_core::protocol::ResetReason::Epoch,
+            },
+            Event::Ok { id: "i".into() },
         ];
         let names: Vec<_> = events.iter().map(Event::type_name).collect();
         assert_eq!(names, SERVER_TYPES);
