@@ -93,7 +93,7 @@
 //! | script | what it does atomically |
 //! |---|---|
 //! | append | conversation exists (`NotFound`), sender is a member (`NotMember`), idempotency key already there → the original message with `duplicate = true`; otherwise `seq = last_seq + 1`, store the message, its id and its idempotency key, move `last_activity` and the conversation's entry in every member's list |
-//! | create | for a direct pair whose conversation exists: return it, restoring a member who left; otherwise create the hash, the members (markers at 0), their list entries and the pair key |
+//! | create | for a direct pair whose conversation exists: return it, restoring a member who left; otherwise create the hash (with a new stream: a fresh epoch, position 0), the members (markers at 0), their list entries and the pair key |
 //! | add members / remove member | check the conversation (and, for a direct one, the pair), add members with both markers at the current `last_seq` / remove the member and their list entry |
 //! | set marker | forward only, clamped to `last_seq`, read implies delivered |
 //! | replace message | the write half of `change_message`: replace the message at a seq only if it is still exactly the JSON that was read, and update the deleted-seq sets (a delete also removes the reactions) |

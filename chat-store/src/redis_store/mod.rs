@@ -103,8 +103,9 @@ impl Keys {
 /// n + 2u entries, i.e. some 70–100 bytes per message on top of the message itself. The entries
 /// of users who left stay (the join entry says they left; markers of non-members are skipped
 /// when replayed). Reactions are one field per reacted-to message in `<p>:reactions:<cid>`
-/// (each key once plus each reacting user's id). Recording a change is one `HINCRBY` and one `ZADD` (O(log n)) in the change's script; a
-/// replay page is one script, O(log n + page × log n).
+/// (each key once plus each reacting user's id). Recording a change is one `HINCRBY` and one
+/// `ZADD` (O(log n)) in the change's script; a replay page is one script,
+/// O(log n + page × log n).
 ///
 /// Positions of retried calls: under the shared layer's retry rule, a script whose reply was
 /// lost may run again; the second run changes nothing, so it returns no position (a duplicate
@@ -625,6 +626,7 @@ impl MessageStore for RedisStore {
                     &self.keys.members(new.id),
                     &pair_key,
                     &self.keys.changes(new.id),
+                    &self.keys.reactions(new.id),
                 ],
                 &args,
             )

@@ -160,7 +160,7 @@ return {0, seq, record(KEYS[1], KEYS[7], ARGV[2], 'm:' .. seq)}
 });
 
 /// `create_conversation`. KEYS: conv, members, direct (the pair's key; unused for a group),
-/// changes. ARGV: prefix, epoch (of the new stream), cid, kind, has name ("0"/"1"), name,
+/// changes, reactions. ARGV: prefix, epoch (of the new stream), cid, kind, has name ("0"/"1"), name,
 /// created_at, role of the first user, users… (deduplicated, creator first; exactly two for a
 /// direct conversation). Returns `{cid, snapshot}`: the new conversation or the pair's existing
 /// one (whose restored members' joins take positions).
@@ -191,8 +191,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], 'kind', kind, 'created_at', now, 'last_seq', '0',
   'last_activity', cid, 'next_order', '0', 'epoch', ARGV[2], 'position', '0')
--- A log left behind by a conversation of this id that was lost belongs to no stream.
-redis.call('DEL', KEYS[4])
+-- A log or reactions left behind by a lost conversation of this id belong to nothing now.
+redis.call('DEL', KEYS[4], KEYS[5])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'name', ARGV[6]) end
 if kind == 'direct' then
   redis.call('HSET', KEYS[1], 'pair_a', users[1], 'pair_b', users[2])
