@@ -67,9 +67,11 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `<p>:conv:<cid>` | hash | `kind` (`direct`/`group`), `name` (absent when none), `created_at` (Unix ms), `last_seq`, `last_activity` (Snowflake of the newest message, or the conversation id while empty), `next_order` (join-order counter); direct conversations also `pair_a`, `pair_b` (the two users) |
+//! | `<p>:conv:<cid>` | hash | `kind` (`direct`/`group`), `name` (absent when none), `created_at` (Unix ms), `last_seq`, `last_activity` (Snowflake of the newest message, or the conversation id while empty), `next_order` (join-order counter), `epoch` (the change stream's, a decimal 63-bit number), `position` (its newest position); direct conversations also `pair_a`, `pair_b` (the two users) |
 //! | `<p>:members:<cid>` | hash | member `<user>` → `role:joined_at:order:last_read_seq:last_delivered_seq`, e.g. `owner:1717171717171:0:12:14` (role `owner`/`admin`/`member`; `order` is the join order, which is the order of `Conversation::members`); removing a member deletes the field |
-//! | `<p>:msgs:<cid>` | sorted set | the timeline: score = `seq`, member = the message as JSON, every field of `chat_core::model::Message` but `seq` (ids as strings). An edit or delete replaces the member at the same score; a delete leaves a tombstone (`deleted: true`, content and media emptied) |
+//! | `<p>:msgs:<cid>` | sorted set | the timeline: score = `seq`, member = the message as JSON, every field of `chat_core::model::Message` but `seq` and `reactions` (ids as strings). An edit or delete replaces the member at the same score; a delete leaves a tombstone (`deleted: true`, content and media emptied, reactions removed) |
+//! | `<p>:reactions:<cid>` | hash | `<seq>` → the message's reactions as the JSON of `Vec<chat_core::model::Reaction>` (`[{"key":"👍","users":["alice","bob"]}]`); no field when none. Every read of a message merges them in |
+//! | `<p>:changes:<cid>` | sorted set | the compacted change log: member = what changed, `m:<seq>` (a message), `k:<user>` (a member's markers), `j:<user>` (a membership); score = the position of its latest change. Recording a change `ZADD`s its member, which moves it: one entry per thing, whatever the number of changes |
 //! | `<p>:ids:<cid>` | hash | `<mid>` → `seq` (lookups by message id) |
 //! | `<p>:idem:<cid>` | hash | `<len>:<sender>:<client_msg_id>` → `seq` (`<len>` is the sender's length in bytes): the idempotency keys of `append` |
 //! | `<p>:sent:<cid>:<user>` | sorted set | seqs of `<user>`'s messages in `<cid>` that are not deleted (member = score = seq), for unread counts |
@@ -78,9 +80,10 @@
 //! | `<p>:direct:<pair>` | string | the conversation id of the direct conversation of a pair; `<pair>` is `chat_core::model::direct_key` (`<len>:<smaller user>:<larger user>`) |
 //!
 //! Costs: `append` is O(log n + members) (it moves the conversation in every member's list);
-//! `history` and `messages_after` are one `ZREVRANGEBYSCORE`/`ZRANGEBYSCORE … LIMIT`,
-//! O(log n + page); `unread` is O(log n) (three counts, no scan, no cap); `member` is one
-//! `HGET`; a `list_conversations` page is one script, O(log n + page × (members + log n)).
+//! `history` and `messages_after` are one script (`ZREVRANGEBYSCORE`/`ZRANGEBYSCORE … LIMIT`
+//! and one `HGET` of the reactions per message), O(log n + page); `unread` is O(log n) (three
+//! counts, no scan, no cap); `member` is one `HGET`; a `list_conversations` page is one script,
+//! O(log n + page × (members + log n)); `react` is one script, O(log n + reactions).
 //!
 //! ## Redis: atomicity, consistency, cluster
 //!
@@ -90,17 +93,28 @@
 //! | script | what it does atomically |
 //! |---|---|
 //! | append | conversation exists (`NotFound`), sender is a member (`NotMember`), idempotency key already there → the original message with `duplicate = true`; otherwise `seq = last_seq + 1`, store the message, its id and its idempotency key, move `last_activity` and the conversation's entry in every member's list |
-//! | create | for a direct pair whose conversation exists: return it, restoring a member who left; otherwise create the hash, the members (markers at 0), their list entries and the pair key |
+//! | create | for a direct pair whose conversation exists: return it, restoring a member who left; otherwise create the hash (with a new stream: a fresh epoch, position 0), the members (markers at 0), their list entries and the pair key |
 //! | add members / remove member | check the conversation (and, for a direct one, the pair), add members with both markers at the current `last_seq` / remove the member and their list entry |
 //! | set marker | forward only, clamped to `last_seq`, read implies delivered |
-//! | replace message | the write half of `change_message`: replace the message at a seq only if it is still exactly the JSON that was read, and update the deleted-seq sets |
+//! | replace message | the write half of `change_message`: replace the message at a seq only if it is still exactly the JSON that was read, and update the deleted-seq sets (a delete also removes the reactions) |
+//! | react | `chat_core::model::apply_reaction`'s rule, check by check in its order: conversation, membership (`NotMember`), message, not deleted, key (its syntax checked by the caller), at most 32 keys; then the reactions and the position |
+//! | stream / changes after | the stream's epoch and position / one page of the change log with the current state of each entry, as one snapshot |
 //! | list | one page of a user's list with each conversation, the user's unread count and the newest message, as one consistent snapshot |
+//!
+//! Every script that changes something a client renders (append, replace message, react, set
+//! marker, add members, remove member, and create when it restores a direct member) also takes the
+//! conversation's next change-stream position (`HINCRBY position`) and moves the item's entry in
+//! the change log, in the same script: positions are gap-free and in the order of the changes
+//! across every node. See [`RedisStore`]'s docs for the stream's costs and retention.
 //!
 //! `change_message` is a compare-and-set: it reads the message, checks the sender
 //! (`Forbidden`), applies `MessageChange::apply` (the same code as every other backend, so a
 //! deleted message is `Invalid`) and writes with the replace script, re-reading on a concurrent
-//! change. Scripts never decode JSON (`cjson` would turn 64-bit numbers into doubles): they store
-//! and compare message JSON verbatim, and keep Snowflakes as strings.
+//! change. Scripts never decode message JSON (`cjson` would turn 64-bit numbers into doubles):
+//! they store and compare it verbatim, and keep Snowflakes as strings. Reactions, which hold
+//! only strings, are apart from the message so that the react script can decode and rewrite
+//! them: a reaction is one atomic script, never a compare-and-set that could lose to
+//! concurrent reactions on a popular message.
 //!
 //! The scripts declare the conversation's keys in `KEYS`, but build the keys of each member's
 //! list (and, for `list`, of each listed conversation) from the prefix, because those are only

@@ -14,9 +14,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use chat_core::Error;
-use chat_core::model::{Message, MessageChange, ReceiptKind};
+use chat_core::UserId;
+use chat_core::id::{ConversationId, MessageId};
+use chat_core::memory::MemoryStore;
+use chat_core::model::{Change, Message, MessageChange, Reaction, ReceiptKind, StreamPosition};
 use chat_core::store::{DynMessageStore, MessageStore};
 use chat_core::testing::store::{Fixture, random_u64};
+use chat_redis::redis;
 use chat_store::{RedisOptions, RedisStore};
 use chat_testkit::{RedisServer, random_prefix};
 
@@ -46,6 +50,12 @@ async fn redis_test_store() -> (DynMessageStore, Arc<RedisServer>) {
 }
 
 chat_core::store_conformance_tests!(with_guard, redis_test_store);
+
+/// The change-stream conformance suite, on the same kind of fresh store.
+mod change_stream {
+    use super::*;
+    chat_core::change_stream_conformance_tests!(with_guard, redis_test_store);
+}
 
 // ------------------------------------------------------------------- Redis-specific cases
 
@@ -361,4 +371,617 @@ async fn unread_matches_a_scan_after_random_operations() {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------- the change stream
+
+/// Both results equal, or both errors of the same kind (the texts may differ); the value.
+fn same<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    redis: chat_core::Result<T>,
+    memory: chat_core::Result<T>,
+) -> Option<T> {
+    match (redis, memory) {
+        (Ok(r), Ok(m)) => {
+            assert_eq!(r, m, "{what}: redis vs memory");
+            Some(r)
+        }
+        (Err(r), Err(m)) => {
+            assert_eq!(
+                std::mem::discriminant(&r),
+                std::mem::discriminant(&m),
+                "{what}: redis {r:?} vs memory {m:?}"
+            );
+            None
+        }
+        (r, m) => panic!("{what}: redis {r:?} vs memory {m:?}"),
+    }
+}
+
+/// Every page of a replay from `after`, `limit` at a time, with the epoch left out.
+async fn replay(
+    store: &dyn MessageStore,
+    conv: ConversationId,
+    after: u64,
+    limit: usize,
+) -> Vec<(u64, Vec<Change>, Option<u64>)> {
+    let mut pages = Vec::new();
+    let mut from = after;
+    loop {
+        let page = store
+            .changes_after(conv, from, limit)
+            .await
+            .unwrap()
+            .expect("a change stream");
+        let next = page.next;
+        pages.push((page.stream.position, page.changes, next));
+        match next {
+            Some(p) if limit > 0 => from = p,
+            _ => return pages,
+        }
+    }
+}
+
+/// The Redis store against the in-memory reference (whose semantics are the spec), on one random
+/// mix of every change (appends and their retries, edits, deletes, reactions, markers, members
+/// joining and leaving, a direct conversation restored): every result, position and replay is
+/// the same; only the epochs differ.
+#[tokio::test]
+async fn change_stream_matches_the_memory_store() {
+    let (redis, _server) = redis_test_store().await;
+    let memory: DynMessageStore = Arc::new(MemoryStore::new());
+    let fx = Fixture::new();
+    let users = fx.users("u", 5);
+    let new = fx.new_group(&users[0], &users[1..4]);
+    let conv = same(
+        "create",
+        redis.create_conversation(new.clone()).await,
+        memory.create_conversation(new).await,
+    )
+    .unwrap()
+    .id;
+    let epoch = redis.stream(conv).await.unwrap().unwrap().epoch;
+    assert_ne!(epoch, 0);
+    assert_eq!(
+        redis.stream(conv).await.unwrap(),
+        Some(StreamPosition { epoch, position: 0 })
+    );
+    let keys = ["👍", "ok", "❤️", "bad key", "x", "\u{3000}", "/"];
+    let mut sent: Vec<MessageId> = Vec::new();
+    let mut x = random_u64() | 1;
+    for i in 0..500u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let user = &users[(x % 5) as usize];
+        let pick = |sent: &[MessageId]| sent[((x >> 24) as usize) % sent.len().max(1)];
+        match (x >> 8) % 12 {
+            0..=3 => {
+                let m = fx.new_message(conv, user, &format!("k{}", (x >> 16) % 40), "m");
+                let a = same(
+                    "append",
+                    redis.append(m.clone()).await,
+                    memory.append(m).await,
+                );
+                if let Some(a) = a.filter(|a| !a.duplicate) {
+                    sent.push(a.message.message_id);
+                }
+            }
+            4 | 5 if !sent.is_empty() => {
+                let id = pick(&sent);
+                let change = if (x >> 8) % 12 == 4 {
+                    MessageChange::Edit {
+                        content: format!("e{i}"),
+                    }
+                } else {
+                    MessageChange::Delete
+                };
+                // By a random user: Forbidden unless it is the sender.
+                same(
+                    "change",
+                    redis
+                        .change_message(conv, id, user, change.clone(), i)
+                        .await,
+                    memory.change_message(conv, id, user, change, i).await,
+                );
+            }
+            6..=8 if !sent.is_empty() => {
+                let id = pick(&sent);
+                let key = (x >> 40) as usize % (keys.len() + 1);
+                let key = keys.get(key).copied();
+                same(
+                    "react",
+                    redis.react(conv, id, user, key).await,
+                    memory.react(conv, id, user, key).await,
+                );
+            }
+            9 => {
+                let kind = if x >> 63 == 0 {
+                    ReceiptKind::Read
+                } else {
+                    ReceiptKind::Delivered
+                };
+                let seq = (x >> 32) % (sent.len() as u64 + 3);
+                same(
+                    "marker",
+                    redis.set_marker(conv, user, kind, seq).await,
+                    memory.set_marker(conv, user, kind, seq).await,
+                );
+            }
+            10 => {
+                let add = [user.clone(), users[((x >> 32) % 5) as usize].clone()];
+                same(
+                    "add",
+                    redis.add_members(conv, &add, i).await,
+                    memory.add_members(conv, &add, i).await,
+                );
+            }
+            _ => {
+                same(
+                    "remove",
+                    redis.remove_member(conv, user).await,
+                    memory.remove_member(conv, user).await,
+                );
+            }
+        }
+        if i % 50 == 49 {
+            let r = redis.stream(conv).await.unwrap().unwrap();
+            let m = memory.stream(conv).await.unwrap().unwrap();
+            assert_eq!((r.epoch, r.position), (epoch, m.position), "step {i}");
+            for after in [0, m.position / 2, m.position.saturating_sub(1), m.position] {
+                for limit in [0, 1, 3, 1000] {
+                    assert_eq!(
+                        replay(&*redis, conv, after, limit).await,
+                        replay(&*memory, conv, after, limit).await,
+                        "step {i}: replay after {after}, {limit} at a time"
+                    );
+                }
+            }
+        }
+    }
+    let full = replay(&*redis, conv, 0, 1000).await;
+    assert!(
+        full[0]
+            .1
+            .iter()
+            .any(|c| matches!(c, Change::Message { message, .. } if !message.reactions.is_empty())),
+        "the mix should leave some reactions"
+    );
+    // Every read path carries the reactions.
+    same(
+        "history",
+        redis.history(conv, None, 1000).await,
+        memory.history(conv, None, 1000).await,
+    );
+    same(
+        "messages_after",
+        redis.messages_after(conv, 0, 1000).await,
+        memory.messages_after(conv, 0, 1000).await,
+    );
+    for &id in &sent {
+        same(
+            "message",
+            redis.message(conv, id).await,
+            memory.message(conv, id).await,
+        );
+    }
+    for u in &users {
+        same(
+            "list",
+            redis.list_conversations(u, None, 10).await,
+            memory.list_conversations(u, None, 10).await,
+        );
+    }
+
+    // A direct conversation restored by create_conversation records the join.
+    let (a, b) = (fx.user("da"), fx.user("db"));
+    let direct = fx.new_direct(&a, &b);
+    let d = same(
+        "create direct",
+        redis.create_conversation(direct.clone()).await,
+        memory.create_conversation(direct.clone()).await,
+    )
+    .unwrap()
+    .id;
+    let m = fx.new_message(d, &a, "d1", "hi");
+    same(
+        "append",
+        redis.append(m.clone()).await,
+        memory.append(m).await,
+    );
+    same(
+        "leave",
+        redis.remove_member(d, &b).await,
+        memory.remove_member(d, &b).await,
+    );
+    let again = chat_core::model::NewConversation {
+        id: fx.conversation_id(),
+        creator: b.clone(),
+        members: vec![a.clone()],
+        ..direct
+    };
+    let back = same(
+        "restore direct",
+        redis.create_conversation(again.clone()).await,
+        memory.create_conversation(again).await,
+    )
+    .unwrap();
+    assert_eq!(back.id, d);
+    let r = replay(&*redis, d, 0, 10).await;
+    assert_eq!(r, replay(&*memory, d, 0, 10).await);
+    assert_eq!(
+        r[0].1.last(),
+        Some(&Change::Membership {
+            position: 3,
+            user_id: b.clone(),
+            member: true
+        })
+    );
+}
+
+/// Two stores ("nodes") on one prefix make appends, edits, reactions and marker moves on one
+/// conversation concurrently: the positions they return are exactly 1..=N, the stream is at N
+/// on both nodes, with one epoch, and the replay has every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_positions_are_gap_free() {
+    let server = shared_server().await;
+    let prefix = random_prefix();
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    let nodes = [node().await, node().await];
+    let fx = Arc::new(Fixture::new());
+    let (conv, users) = fx.group(&*nodes[0], 8).await;
+    let mut positions = Vec::new();
+    let mut seeds = Vec::new();
+    for u in &users {
+        let new = fx.new_message(conv.id, u, &fx.client_msg_id(), "seed");
+        let a = nodes[0].append(new).await.unwrap();
+        positions.push(a.position.unwrap());
+        seeds.push(a.message.message_id);
+    }
+    let seeds = Arc::new(seeds);
+    let mut tasks = Vec::new();
+    for (t, user) in users.iter().cloned().enumerate() {
+        let (store, fx, seeds) = (nodes[t % 2].clone(), fx.clone(), seeds.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut positions = Vec::new();
+            for i in 0..40usize {
+                let p = match i % 4 {
+                    0 => {
+                        let new = fx.new_message(conv.id, &user, &fx.client_msg_id(), "m");
+                        let a = store.append(new).await.unwrap();
+                        mine.push(a.message.message_id);
+                        a.position
+                    }
+                    1 => {
+                        let edit = MessageChange::Edit {
+                            content: format!("e{i}"),
+                        };
+                        let id = *mine.last().unwrap();
+                        store
+                            .change_message(conv.id, id, &user, edit, i as u64)
+                            .await
+                            .unwrap()
+                            .position
+                    }
+                    2 => {
+                        let id = seeds[(t + i) % seeds.len()];
+                        let key = ["a", "b", "c"][i % 3];
+                        store
+                            .react(conv.id, id, &user, Some(key))
+                            .await
+                            .unwrap()
+                            .position
+                    }
+                    _ => {
+                        store
+                            .set_marker(conv.id, &user, ReceiptKind::Read, (i * 3) as u64)
+                            .await
+                            .unwrap()
+                            .position
+                    }
+                };
+                positions.extend(p);
+            }
+            positions
+        }));
+    }
+    for t in tasks {
+        positions.extend(t.await.unwrap());
+    }
+    positions.sort_unstable();
+    let n = positions.len() as u64;
+    assert_eq!(
+        positions,
+        (1..=n).collect::<Vec<_>>(),
+        "gap-free, no duplicate"
+    );
+    let s0 = nodes[0].stream(conv.id).await.unwrap().unwrap();
+    let s1 = nodes[1].stream(conv.id).await.unwrap().unwrap();
+    assert_eq!(s0, s1);
+    assert_eq!(s0.position, n);
+    let page = nodes[1]
+        .changes_after(conv.id, 0, 10_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(page.next, None);
+    let messages = page
+        .changes
+        .iter()
+        .filter(|c| matches!(c, Change::Message { .. }))
+        .count();
+    assert_eq!(messages as u64, nodes[0].last_seq(conv.id).await.unwrap());
+    let at: Vec<u64> = page.changes.iter().map(Change::position).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "in position order");
+    assert_eq!(at.last(), Some(&n));
+}
+
+/// The suite's two-node case: appends, edits, reactions and markers from two stores on one
+/// prefix take positions 1..=N, and both see the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_positions_gap_free_suite_case() {
+    let server = shared_server().await;
+    let prefix = random_prefix();
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    chat_core::testing::stream::two_nodes_positions_gap_free(node().await, node().await, 60).await;
+}
+
+/// A raw connection to the test server, for what the store never does.
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A conversation whose stream state is lost (epoch and position gone, or only the log gone,
+/// or the whole database flushed and the conversation created again with the same id) gets a
+/// new stream: a different epoch, positions from 1 again.
+#[tokio::test]
+async fn a_lost_stream_gets_a_new_epoch() {
+    let server = RedisServer::start().await;
+    let prefix = random_prefix();
+    let store = RedisStore::connect(&server.url(), &prefix).await.unwrap();
+    let mut conn = raw(&server.url()).await;
+    let fx = Fixture::new();
+    let (a, b) = (fx.user("a"), fx.user("b"));
+    let new = fx.new_direct(&a, &b);
+    let conv = store.create_conversation(new.clone()).await.unwrap();
+    for _ in 0..3 {
+        fx.send(&store, conv.id, &a, "m").await;
+    }
+    let first = store.stream(conv.id).await.unwrap().unwrap();
+    assert_eq!(first.position, 3);
+
+    // Epoch and position lost.
+    let ck = format!("{prefix}:conv:{}", conv.id);
+    let xk = format!("{prefix}:changes:{}", conv.id);
+    let _: () = redis::cmd("HDEL")
+        .arg(&ck)
+        .arg("epoch")
+        .arg("position")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = store.stream(conv.id).await.unwrap().unwrap();
+    assert_ne!(second.epoch, first.epoch);
+    assert_eq!(second.position, 0);
+    assert_eq!(
+        store.stream(conv.id).await.unwrap().unwrap(),
+        second,
+        "stable"
+    );
+    let m = fx.send(&store, conv.id, &b, "after").await;
+    let page = store.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(
+        page.stream,
+        StreamPosition {
+            position: 1,
+            ..second
+        }
+    );
+    assert_eq!(
+        page.changes,
+        vec![Change::Message {
+            position: 1,
+            message: m
+        }],
+        "the old log went with the old stream"
+    );
+
+    // Only the log lost: a position past 0 without a log is a lost stream too.
+    let _: () = redis::cmd("DEL")
+        .arg(&xk)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let marker = store
+        .set_marker(conv.id, &b, ReceiptKind::Read, 4)
+        .await
+        .unwrap();
+    assert_eq!(marker.position, Some(1));
+    let third = store.stream(conv.id).await.unwrap().unwrap();
+    assert_ne!(third.epoch, second.epoch);
+    assert_eq!(third.position, 1);
+
+    // Everything lost, the conversation created again with the same id.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    assert_eq!(store.conversation(conv.id).await.unwrap(), None);
+    let again = store.create_conversation(new).await.unwrap();
+    assert_eq!(again.id, conv.id);
+    let fourth = store.stream(conv.id).await.unwrap().unwrap();
+    assert_eq!(fourth.position, 0);
+    assert!(![first.epoch, second.epoch, third.epoch].contains(&fourth.epoch));
+}
+
+/// The reaction rule, case by case, against the in-memory reference: one reaction per user,
+/// a new key replacing the old one, at most `Reaction::MAX_KEYS` keys (a user's only-user key
+/// frees its slot), bad keys (Unicode whitespace too), deleted messages, non-members, unknown
+/// messages; an edit keeps the reactions, a delete clears them.
+#[tokio::test]
+async fn reaction_rules_match_the_memory_store() {
+    let (redis, _server) = redis_test_store().await;
+    let memory: DynMessageStore = Arc::new(MemoryStore::new());
+    let fx = Fixture::new();
+    let max = Reaction::MAX_KEYS;
+    let users = fx.users("r", max + 2);
+    let outsider = fx.user("outsider");
+    let new = fx.new_group(&users[0], &users[1..]);
+    let conv = same(
+        "create",
+        redis.create_conversation(new.clone()).await,
+        memory.create_conversation(new).await,
+    )
+    .unwrap()
+    .id;
+    let m = fx.new_message(conv, &users[0], "m", "hello");
+    let id = same(
+        "append",
+        redis.append(m.clone()).await,
+        memory.append(m).await,
+    )
+    .unwrap()
+    .message
+    .message_id;
+    let react = async |user: &UserId, key: Option<&str>| {
+        same(
+            &format!("react {user} {key:?}"),
+            redis.react(conv, id, user, key).await,
+            memory.react(conv, id, user, key).await,
+        )
+    };
+    for (i, u) in users.iter().take(max).enumerate() {
+        let r = react(u, Some(&format!("k{i}"))).await.unwrap();
+        assert!(r.position.is_some());
+    }
+    assert_eq!(react(&users[max], Some("one-too-many")).await, None);
+    assert!(
+        react(&users[max], Some("k3"))
+            .await
+            .unwrap()
+            .position
+            .is_some()
+    );
+    // users[3] is no longer k3's only user: switching does not free a slot.
+    assert_eq!(react(&users[3], Some("new")).await, None);
+    // users[0] is k0's only user: switching frees its slot.
+    assert!(
+        react(&users[0], Some("new"))
+            .await
+            .unwrap()
+            .position
+            .is_some()
+    );
+    assert_eq!(
+        react(&users[0], Some("new")).await.unwrap().position,
+        None,
+        "same again"
+    );
+    assert!(react(&users[0], None).await.unwrap().position.is_some());
+    assert_eq!(
+        react(&users[0], None).await.unwrap().position,
+        None,
+        "nothing to remove"
+    );
+    for bad in ["", "a b", "\u{3000}", "\u{85}", "tab\t", &"x".repeat(65)] {
+        assert_eq!(react(&users[1], Some(bad)).await, None, "{bad:?}");
+    }
+    assert!(react(&users[1], Some(&"x".repeat(64))).await.is_some());
+    assert_eq!(react(&outsider, Some("k1")).await, None, "not a member");
+    let unknown = fx.message_id();
+    same(
+        "unknown message",
+        redis.react(conv, unknown, &users[1], Some("k1")).await,
+        memory.react(conv, unknown, &users[1], Some("k1")).await,
+    );
+    same(
+        "unknown conversation",
+        redis.react(fx.conversation_id(), id, &users[1], None).await,
+        memory
+            .react(fx.conversation_id(), id, &users[1], None)
+            .await,
+    );
+    let edit = MessageChange::Edit {
+        content: "edited".into(),
+    };
+    let edited = same(
+        "edit",
+        redis
+            .change_message(conv, id, &users[0], edit.clone(), 5)
+            .await,
+        memory.change_message(conv, id, &users[0], edit, 5).await,
+    )
+    .unwrap();
+    assert_eq!(
+        edited.message.reactions.len(),
+        max - 1,
+        "k0 left with users[0]"
+    );
+    let deleted = same(
+        "delete",
+        redis
+            .change_message(conv, id, &users[0], MessageChange::Delete, 6)
+            .await,
+        memory
+            .change_message(conv, id, &users[0], MessageChange::Delete, 6)
+            .await,
+    )
+    .unwrap();
+    assert!(deleted.message.reactions.is_empty());
+    assert_eq!(react(&users[1], Some("k1")).await, None, "deleted");
+    assert_eq!(react(&users[1], None).await, None, "deleted");
+    same(
+        "message",
+        redis.message(conv, id).await,
+        memory.message(conv, id).await,
+    );
+    assert_eq!(
+        replay(&*redis, conv, 0, 100).await,
+        replay(&*memory, conv, 0, 100).await
+    );
+}
+
+/// Many users of two nodes react to one message at once: every reaction is applied (no retry
+/// to lose, the rule runs in one script), each with its own position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reactions_to_one_message_all_apply() {
+    let server = shared_server().await;
+    let prefix = random_prefix();
+    let node = || async { Arc::new(RedisStore::connect(&server.url(), &prefix).await.unwrap()) };
+    let nodes = [node().await, node().await];
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&*nodes[0], 40).await;
+    let hot = fx.send(&*nodes[0], conv.id, &users[0], "hot").await;
+    let tasks: Vec<_> = users
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, user)| {
+            let store = nodes[i % 2].clone();
+            tokio::spawn(async move {
+                let key = ["👍", "🎉", "ok"][i % 3];
+                store
+                    .react(conv.id, hot.message_id, &user, Some(key))
+                    .await
+                    .unwrap()
+                    .position
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await.unwrap());
+    }
+    positions.sort_unstable();
+    assert_eq!(positions, (2..=41).collect::<Vec<u64>>());
+    let m = nodes[1]
+        .message(conv.id, hot.message_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.reactions.iter().map(|r| r.users.len()).sum::<usize>(), 40);
+    assert_eq!(m.version, 1, "reactions do not bump the version");
 }

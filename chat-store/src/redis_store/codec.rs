@@ -4,7 +4,8 @@ use std::borrow::Cow;
 
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    Conversation, ConversationKind, Media, Member, Message, MessageKind, NewMessage, Role,
+    Change, Conversation, ConversationKind, Media, Member, Message, MessageKind, NewMessage,
+    Reaction, Role,
 };
 use chat_core::{Error, Result};
 use chat_redis::redis::Value;
@@ -96,7 +97,7 @@ pub(super) fn encode(m: &Message) -> Result<String> {
     })
 }
 
-/// A stored message and its seq.
+/// A stored message and its seq, without its reactions (they are stored apart).
 pub(super) fn decode_message(json: &str, seq: u64) -> Result<Message> {
     let s: Stored = serde_json::from_str(json)
         .map_err(|e| Error::internal(format!("stored message is not valid JSON: {e}")))?;
@@ -114,7 +115,36 @@ pub(super) fn decode_message(json: &str, seq: u64) -> Result<Message> {
         edited_at: s.edited_at,
         deleted: s.deleted,
         version: s.version,
+        reactions: Vec::new(),
     })
+}
+
+/// A message's reactions as stored in the `reactions` hash (the JSON of `Vec<Reaction>`);
+/// nil (no field) is none.
+pub(super) fn decode_reactions(v: Value) -> Result<Vec<Reaction>> {
+    if v == Value::Nil {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&string(v)?)
+        .map_err(|e| Error::internal(format!("stored reactions are not valid JSON: {e}")))
+}
+
+/// A stored message, its seq and its reactions (a reply value).
+pub(super) fn decode_message_with(json: &str, seq: u64, reactions: Value) -> Result<Message> {
+    let mut m = decode_message(json, seq)?;
+    m.reactions = decode_reactions(reactions)?;
+    Ok(m)
+}
+
+/// `{json, seq, reactions or nil}` per message, as the timeline scripts return them.
+pub(super) fn messages_with_reactions(v: Value) -> Result<Vec<Message>> {
+    array(v)?
+        .into_iter()
+        .map(|m| {
+            let [json, seq, reactions] = tuple::<3>(m)?;
+            decode_message_with(&string(json)?, uint(seq)?, reactions)
+        })
+        .collect()
 }
 
 /// The field of the idempotency hash for `(sender, client_msg_id)`: length-prefixed, so that
@@ -192,20 +222,6 @@ pub(super) fn tuple<const N: usize>(v: Value) -> Result<[Value; N]> {
         .map_err(|items| corrupt(format!("expected {N} items, got {}", items.len())))
 }
 
-/// `member, score, member, score, …` (`WITHSCORES`) as messages.
-pub(super) fn messages_with_scores(v: Value) -> Result<Vec<Message>> {
-    let items = array(v)?;
-    if items.len() % 2 != 0 {
-        return Err(corrupt("WITHSCORES reply of odd length"));
-    }
-    let mut out = Vec::with_capacity(items.len() / 2);
-    let mut it = items.into_iter();
-    while let (Some(json), Some(score)) = (it.next(), it.next()) {
-        out.push(decode_message(&string(json)?, uint(score)?)?);
-    }
-    Ok(out)
-}
-
 fn pairs(v: Value) -> Result<Vec<(String, String)>> {
     let items = array(v)?;
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -245,6 +261,39 @@ pub(super) fn decode_member(user: UserId, value: &str) -> Result<(Member, u64)> 
         },
         order,
     ))
+}
+
+/// One entry of the change log (`m:<seq>`, `k:<user>`, `j:<user>`) at `position`, with the
+/// state the `changes` script read for it; `None` for nothing to replay (the markers of
+/// someone who left).
+pub(super) fn decode_change(item: &str, position: u64, state: Value) -> Result<Option<Change>> {
+    let bad = || corrupt(format!("change log entry {item:?}"));
+    let (kind, id) = item.split_once(':').ok_or_else(bad)?;
+    Ok(match (kind, state) {
+        (_, Value::Nil) if kind != "j" => None,
+        ("m", state) => {
+            let [json, reactions] = tuple::<2>(state)?;
+            Some(Change::Message {
+                position,
+                message: decode_message_with(&string(json)?, parse_u64(id)?, reactions)?,
+            })
+        }
+        ("k", value) => {
+            let (m, _) = decode_member(UserId::from(id), &string(value)?)?;
+            Some(Change::Markers {
+                position,
+                user_id: m.user_id,
+                delivered: m.last_delivered_seq,
+                read: m.last_read_seq,
+            })
+        }
+        ("j", member) => Some(Change::Membership {
+            position,
+            user_id: UserId::from(id),
+            member: uint(member)? == 1,
+        }),
+        _ => return Err(bad()),
+    })
 }
 
 /// A `{HGETALL conv, HGETALL members}` snapshot.
@@ -310,6 +359,16 @@ mod tests {
             edited_at: Some(5),
             deleted: false,
             version: 3,
+            reactions: vec![
+                Reaction {
+                    key: "👍".into(),
+                    users: vec![UserId::from("a:b\"c"), UserId::from("x")],
+                },
+                Reaction {
+                    key: "ok".into(),
+                    users: vec![UserId::from("y")],
+                },
+            ],
         };
         let json = encode(&m).unwrap();
         assert!(!json.contains("\"seq\""), "{json}");
@@ -317,7 +376,27 @@ mod tests {
             json.contains(&format!("\"{}\"", u64::MAX - 3)),
             "ids as strings: {json}"
         );
-        assert_eq!(decode_message(&json, 42).unwrap(), m);
+        // Reactions are stored apart, as the JSON of `Vec<Reaction>`.
+        assert!(!json.contains("reactions"), "{json}");
+        let reactions = serde_json::to_string(&m.reactions).unwrap();
+        assert_eq!(
+            decode_message_with(&json, 42, Value::BulkString(reactions.into_bytes())).unwrap(),
+            m
+        );
+        // As Lua's cjson writes them: `/` escaped, any key order.
+        let lua = r#"[{"users":["a\/b"],"key":"ok"}]"#;
+        assert_eq!(
+            decode_reactions(Value::BulkString(lua.as_bytes().to_vec())).unwrap(),
+            vec![Reaction {
+                key: "ok".into(),
+                users: vec![UserId::from("a/b")]
+            }]
+        );
+        let plain = Message {
+            reactions: Vec::new(),
+            ..m.clone()
+        };
+        assert_eq!(decode_message_with(&json, 42, Value::Nil).unwrap(), plain);
 
         let new = NewMessage {
             message_id: m.message_id,
@@ -375,6 +454,34 @@ mod tests {
         );
         assert!(decode_member(UserId::from("u"), "owner:1:2:3").is_err());
         assert!(decode_member(UserId::from("u"), "boss:1:2:3:4").is_err());
+    }
+
+    #[test]
+    fn change_log_entries() {
+        let c = decode_change("k:a:b", 7, Value::BulkString(b"member:1:0:3:5".to_vec()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c,
+            Change::Markers {
+                position: 7,
+                user_id: UserId::from("a:b"),
+                delivered: 5,
+                read: 3
+            }
+        );
+        assert_eq!(decode_change("k:gone", 8, Value::Nil).unwrap(), None);
+        let c = decode_change("j:u", 9, Value::Int(0)).unwrap().unwrap();
+        assert_eq!(
+            c,
+            Change::Membership {
+                position: 9,
+                user_id: UserId::from("u"),
+                member: false
+            }
+        );
+        assert!(decode_change("x:1", 1, Value::Int(1)).is_err());
+        assert!(decode_change("nonsense", 1, Value::Int(1)).is_err());
     }
 
     #[test]

@@ -10,18 +10,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
-    NewConversation, NewMessage, Page, ReceiptKind, direct_key,
+    ChangePage, Conversation, ConversationKind, ConversationView, Member, Message, MessageChange,
+    NewConversation, NewMessage, Page, Reaction, ReceiptKind, StreamPosition, direct_key,
 };
-use chat_core::store::{Appended, MarkerUpdate, MessageStore};
+use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
 use chat_redis::redis::{self, Value};
 use chat_redis::{RedisConnection, RedisOptions, Script};
 
 use self::codec::{
-    array, decode_conversation, decode_member, decode_message, encode, encode_new,
-    idempotency_field, messages_with_scores, older_than, parse_entry, parse_u64, string, tuple,
-    uint,
+    array, decode_change, decode_conversation, decode_member, decode_message, decode_message_with,
+    decode_reactions, encode, encode_new, idempotency_field, messages_with_reactions, older_than,
+    parse_entry, parse_u64, string, tuple, uint,
 };
 
 /// How often [`MessageStore::change_message`] re-reads a message that changed between its read
@@ -54,6 +54,12 @@ impl Keys {
     fn deleted(&self, id: ConversationId) -> String {
         format!("{}:deleted:{id}", self.prefix)
     }
+    fn reactions(&self, id: ConversationId) -> String {
+        format!("{}:reactions:{id}", self.prefix)
+    }
+    fn changes(&self, id: ConversationId) -> String {
+        format!("{}:changes:{id}", self.prefix)
+    }
     fn sent(&self, id: ConversationId, user: &UserId) -> String {
         format!("{}:sent:{id}:{user}", self.prefix)
     }
@@ -72,6 +78,41 @@ impl Keys {
 /// `append` checks membership and idempotency, assigns `seq = last_seq + 1`, stores the message
 /// and moves the conversation to the top of every member's list in one step, which keeps seqs
 /// gap-free across any number of nodes and concurrent appenders.
+///
+/// # The change stream
+///
+/// Every change a client renders takes the conversation's next position in the script that
+/// makes it (see the crate docs), so positions are 1, 2, 3, … per conversation across every
+/// node. The stream's epoch, random, is made with the conversation. A conversation whose stream
+/// state is gone (the `epoch` or `position` field missing from its hash, or a position past 0
+/// with no change log) gets a new stream, with a new epoch and positions from 1 again, from the
+/// next call that reads or records it; so do conversations stored before the stream existed.
+/// A conversation created again after its keys were lost has a new epoch too.
+///
+/// **Retention: the whole stream, compacted.** Nothing in the change log expires: each thing
+/// has one entry, at the position of its latest change, so a replay from any position (0
+/// included) returns the current state of everything that changed since, each thing once.
+///
+/// **Cost.** One sorted set per conversation (`<p>:changes:<cid>`) and two fields in its hash
+/// (`epoch`, `position`); in the set, one entry per message (`m:<seq>`) and at most two per user
+/// who ever was a member (`k:<user>` once their markers moved, `j:<user>` once they joined or
+/// left after the creation), however many times each changed. An entry is its name (2 bytes +
+/// the seq or user id) plus a score: about 10–20 bytes while the set is small enough for Redis's
+/// listpack encoding (`zset-max-listpack-entries`, 128 by default), about 60–80 bytes plus the
+/// name in a skiplist beyond. So a conversation of n messages and u members costs roughly
+/// n + 2u entries, i.e. some 70–100 bytes per message on top of the message itself. The entries
+/// of users who left stay (the join entry says they left; markers of non-members are skipped
+/// when replayed). Reactions are one field per reacted-to message in `<p>:reactions:<cid>`
+/// (each key once plus each reacting user's id). Recording a change is one `HINCRBY` and one
+/// `ZADD` (O(log n)) in the change's script; a replay page is one script,
+/// O(log n + page × log n).
+///
+/// Positions of retried calls: under the shared layer's retry rule, a script whose reply was
+/// lost may run again; the second run changes nothing, so it returns no position (a duplicate
+/// append, a marker that did not move, a reaction already there, members already added) while
+/// the first run's change keeps its position in the log, where a replay finds it. (An edit
+/// whose write was applied but not acknowledged is re-read and applied again, as before the
+/// stream existed: a second version, with a second position.)
 ///
 /// The connection is the shared Redis layer's [`RedisConnection`] (crate `chat-redis`, the
 /// same as `chat-presence`'s): one multiplexed connection (concurrent requests are pipelined on
@@ -107,6 +148,18 @@ impl fmt::Debug for RedisStore {
             .field("op_timeout", &self.conn.op_timeout())
             .finish_non_exhaustive()
     }
+}
+
+/// The epoch a script gives a conversation's change stream if it has none (a new
+/// conversation, or one whose stream was lost). Made for every call that may record a change:
+/// a random number is cheaper than a round trip to ask whether one is needed.
+fn fresh_epoch() -> String {
+    StreamPosition::new_epoch().to_string()
+}
+
+/// A position returned by a script: 0 means none.
+fn position(v: Value) -> Result<Option<u64>> {
+    Ok(Some(uint(v)?).filter(|&p| p != 0))
 }
 
 /// A `LIMIT` count for Redis (a signed 64-bit integer), saturating.
@@ -166,12 +219,12 @@ impl RedisStore {
         self.conn.query(what, &call).await
     }
 
-    /// The stored JSON and seq of a message; `NotFound` for an unknown conversation.
+    /// The stored JSON, seq and reactions of a message; `NotFound` for an unknown conversation.
     async fn raw_message(
         &self,
         conversation: ConversationId,
         id: MessageId,
-    ) -> Result<Option<(u64, String)>> {
+    ) -> Result<Option<(u64, String, Value)>> {
         let v = self
             .script(
                 "get message",
@@ -180,6 +233,7 @@ impl RedisStore {
                     &self.keys.conv(conversation),
                     &self.keys.ids(conversation),
                     &self.keys.msgs(conversation),
+                    &self.keys.reactions(conversation),
                 ],
                 &[&conversation.to_string(), &id.to_string()],
             )
@@ -187,11 +241,12 @@ impl RedisStore {
         if v == Value::Nil {
             return Ok(None);
         }
-        let [seq, json] = tuple::<2>(v)?;
-        Ok(Some((uint(seq)?, string(json)?)))
+        let [seq, json, reactions] = tuple::<3>(v)?;
+        Ok(Some((uint(seq)?, string(json)?, reactions)))
     }
 
-    /// `EXISTS conv` and a range of the timeline in one round trip.
+    /// A range of the timeline with the reactions, in one script (`NotFound` for an unknown
+    /// conversation).
     async fn timeline_range(
         &self,
         conversation: ConversationId,
@@ -200,21 +255,85 @@ impl RedisStore {
         to: &str,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        let mut pipe = redis::pipe();
-        pipe.exists(self.keys.conv(conversation))
-            .cmd(command)
-            .arg(self.keys.msgs(conversation))
-            .arg(from)
-            .arg(to)
-            .arg("WITHSCORES")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(redis_count(limit));
-        let (exists, page): (bool, Value) = self.conn.query("timeline range", &pipe).await?;
-        if !exists {
-            return Err(unknown(conversation));
+        let v = self
+            .script(
+                "timeline range",
+                &scripts::TIMELINE,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.reactions(conversation),
+                ],
+                &[
+                    &conversation.to_string(),
+                    command,
+                    &from,
+                    to,
+                    &redis_count(limit).to_string(),
+                ],
+            )
+            .await?;
+        messages_with_reactions(v)
+    }
+
+    /// The compare-and-set loop of `change_message`: reads the message, lets `change` turn it
+    /// into the new version, and writes it only if the stored JSON is still what was read,
+    /// re-reading on a concurrent change. The write takes the change's position.
+    async fn update_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        change: impl Fn(&Message) -> Result<Message> + Send + Sync,
+    ) -> Result<MessageUpdate> {
+        let cid = conversation.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let (seq, old, _) = self.raw_message(conversation, id).await?.ok_or_else(|| {
+                Error::not_found(format!("message {id} in conversation {conversation}"))
+            })?;
+            let current = decode_message(&old, seq)?;
+            let mut changed = change(&current)?;
+            let new = encode(&changed)?;
+            let deletes = changed.deleted && !current.deleted;
+            let written = self
+                .script(
+                    "replace message",
+                    &scripts::REPLACE_MESSAGE,
+                    &[
+                        &self.keys.msgs(conversation),
+                        &self.keys.deleted(conversation),
+                        &self.keys.sent(conversation, &current.sender_id),
+                        &self.keys.conv(conversation),
+                        &self.keys.changes(conversation),
+                        &self.keys.reactions(conversation),
+                    ],
+                    &[
+                        &fresh_epoch(),
+                        &cid,
+                        &seq.to_string(),
+                        &old,
+                        &new,
+                        if deletes { "1" } else { "0" },
+                    ],
+                )
+                .await?;
+            let mut written = array(written)?.into_iter();
+            let at = position(
+                written
+                    .next()
+                    .ok_or_else(|| codec::corrupt("replace reply"))?,
+            )?;
+            if let Some(at) = at {
+                // The reactions as they were when the write ran (none after a delete).
+                changed.reactions = decode_reactions(written.next().unwrap_or(Value::Nil))?;
+                return Ok(MessageUpdate {
+                    message: changed,
+                    position: Some(at),
+                });
+            }
         }
-        messages_with_scores(page)
+        Err(Error::Conflict(
+            format!("message {id} kept changing concurrently; try again").into(),
+        ))
     }
 }
 
@@ -238,8 +357,11 @@ impl MessageStore for RedisStore {
                     &self.keys.ids(id),
                     &self.keys.idem(id),
                     &self.keys.sent(id, &message.sender_id),
+                    &self.keys.changes(id),
+                    &self.keys.reactions(id),
                 ],
                 &[
+                    &fresh_epoch(),
                     &id.to_string(),
                     message.sender_id.as_str(),
                     &idempotency_field(&message.sender_id, &message.client_msg_id),
@@ -253,18 +375,21 @@ impl MessageStore for RedisStore {
             return Err(codec::corrupt("append reply"));
         };
         let seq = uint(seq)?;
+        let third = items
+            .next()
+            .ok_or_else(|| codec::corrupt("append reply of two items"))?;
         if uint(flag)? == 0 {
             return Ok(Appended {
                 message: message.into_message(seq),
                 duplicate: false,
+                position: position(third)?,
             });
         }
-        let original = items
-            .next()
-            .ok_or_else(|| codec::corrupt("append reply without the original"))?;
+        let reactions = items.next().unwrap_or(Value::Nil);
         Ok(Appended {
-            message: decode_message(&string(original)?, seq)?,
+            message: decode_message_with(&string(third)?, seq, reactions)?,
             duplicate: true,
+            position: None,
         })
     }
 
@@ -275,7 +400,7 @@ impl MessageStore for RedisStore {
     ) -> Result<Option<Message>> {
         self.raw_message(conversation, id)
             .await?
-            .map(|(seq, json)| decode_message(&json, seq))
+            .map(|(seq, json, reactions)| decode_message_with(&json, seq, reactions))
             .transpose()
     }
 
@@ -286,47 +411,142 @@ impl MessageStore for RedisStore {
         by: &UserId,
         change: MessageChange,
         now: u64,
-    ) -> Result<Message> {
-        // Compare-and-set: read, apply `MessageChange::apply` (the one definition of an edit),
-        // then write only if the stored JSON is still what was read. The sender check needs no
-        // re-check: a message's sender never changes.
-        for _ in 0..CAS_ATTEMPTS {
-            let (seq, old) = self.raw_message(conversation, id).await?.ok_or_else(|| {
-                Error::not_found(format!("message {id} in conversation {conversation}"))
-            })?;
-            let current = decode_message(&old, seq)?;
+    ) -> Result<MessageUpdate> {
+        // Compare-and-set (see `update_message`): `MessageChange::apply` is the one definition
+        // of an edit. The sender check needs no re-check: a message's sender never changes.
+        self.update_message(conversation, id, |current| {
             if &current.sender_id != by {
                 return Err(Error::forbidden(
                     "only the sender may edit or delete a message",
                 ));
             }
-            let mut changed = current;
+            let mut changed = current.clone();
             change.apply(&mut changed, now)?;
-            let new = encode(&changed)?;
-            let replaced = self
-                .script(
-                    "replace message",
-                    &scripts::REPLACE_MESSAGE,
-                    &[
-                        &self.keys.msgs(conversation),
-                        &self.keys.deleted(conversation),
-                        &self.keys.sent(conversation, by),
-                    ],
-                    &[
-                        &seq.to_string(),
-                        &old,
-                        &new,
-                        if changed.deleted { "1" } else { "0" },
-                    ],
-                )
-                .await?;
-            if uint(replaced)? == 1 {
-                return Ok(changed);
-            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn react(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
+    ) -> Result<MessageUpdate> {
+        // One script applies `apply_reaction`'s rule, step by step and in its order of checks;
+        // the key's syntax (Unicode whitespace and control characters) is checked here and
+        // reported by the script at the point the rule checks it.
+        let key_error = match key.map(Reaction::validate_key) {
+            Some(Err(Error::Invalid(why))) => why.to_string(),
+            Some(Err(e)) => return Err(e),
+            _ => String::new(),
+        };
+        let too_many = format!(
+            "a message has at most {} distinct reaction keys",
+            Reaction::MAX_KEYS
+        );
+        let v = self
+            .script(
+                "react",
+                &scripts::REACT,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.members(conversation),
+                    &self.keys.ids(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.deleted(conversation),
+                    &self.keys.reactions(conversation),
+                    &self.keys.changes(conversation),
+                ],
+                &[
+                    &fresh_epoch(),
+                    &conversation.to_string(),
+                    &id.to_string(),
+                    user.as_str(),
+                    if key.is_some() { "1" } else { "0" },
+                    key.unwrap_or(""),
+                    if key_error.is_empty() { "1" } else { "0" },
+                    &key_error,
+                    &Reaction::MAX_KEYS.to_string(),
+                    &too_many,
+                ],
+            )
+            .await?;
+        let [seq, json, reactions, at] = tuple::<4>(v)?;
+        Ok(MessageUpdate {
+            message: decode_message_with(&string(json)?, uint(seq)?, reactions)?,
+            position: position(at)?,
+        })
+    }
+
+    async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
+        let v = self
+            .script(
+                "stream",
+                &scripts::STREAM,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.changes(conversation),
+                ],
+                &[&fresh_epoch(), &conversation.to_string()],
+            )
+            .await?;
+        let [epoch, position] = tuple::<2>(v)?;
+        Ok(Some(StreamPosition {
+            epoch: uint(epoch)?,
+            position: uint(position)?,
+        }))
+    }
+
+    async fn changes_after(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<ChangePage>> {
+        // One more entry than asked, to know whether more follow (counts below i64::MAX, as in
+        // `list_conversations`).
+        let limit = limit.min(i64::MAX as usize / 2);
+        let v = self
+            .script(
+                "changes after",
+                &scripts::CHANGES,
+                &[
+                    &self.keys.conv(conversation),
+                    &self.keys.members(conversation),
+                    &self.keys.msgs(conversation),
+                    &self.keys.changes(conversation),
+                    &self.keys.reactions(conversation),
+                ],
+                &[
+                    &fresh_epoch(),
+                    &conversation.to_string(),
+                    &after.to_string(),
+                    &(limit + 1).to_string(),
+                    &limit.to_string(),
+                ],
+            )
+            .await?;
+        let [epoch, stream_position, entries, more] = tuple::<4>(v)?;
+        let stream = StreamPosition {
+            epoch: uint(epoch)?,
+            position: uint(stream_position)?,
+        };
+        let mut changes = Vec::new();
+        let mut read_to = after;
+        for entry in array(entries)? {
+            let [item, at, state] = tuple::<3>(entry)?;
+            let at = uint(at)?;
+            read_to = at;
+            changes.extend(decode_change(&string(item)?, at, state)?);
         }
-        Err(Error::Conflict(
-            format!("message {id} kept changing concurrently; try again").into(),
-        ))
+        let next = (uint(more)? == 1).then_some(read_to);
+        Ok(Some(ChangePage {
+            stream,
+            changes,
+            next,
+        }))
     }
 
     async fn history(
@@ -382,8 +602,13 @@ impl MessageStore for RedisStore {
                 ("direct", "member", self.keys.direct(&direct_key(a, b)))
             }
         };
-        let (cid, created_at) = (new.id.to_string(), new.created_at.to_string());
+        let (epoch, cid, created_at) = (
+            fresh_epoch(),
+            new.id.to_string(),
+            new.created_at.to_string(),
+        );
         let mut args: Vec<&str> = vec![
+            &epoch,
             &cid,
             kind,
             if new.name.is_some() { "1" } else { "0" },
@@ -400,6 +625,8 @@ impl MessageStore for RedisStore {
                     &self.keys.conv(new.id),
                     &self.keys.members(new.id),
                     &pair_key,
+                    &self.keys.changes(new.id),
+                    &self.keys.reactions(new.id),
                 ],
                 &args,
             )
@@ -444,9 +671,9 @@ impl MessageStore for RedisStore {
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
-        let (cid, now) = (conversation.to_string(), now.to_string());
-        let mut args: Vec<&str> = vec![&cid, &now];
+    ) -> Result<Vec<MembershipUpdate>> {
+        let (epoch, cid, now) = (fresh_epoch(), conversation.to_string(), now.to_string());
+        let mut args: Vec<&str> = vec![&epoch, &cid, &now];
         args.extend(users.iter().map(UserId::as_str));
         let v = self
             .script(
@@ -455,17 +682,28 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
                 &args,
             )
             .await?;
         array(v)?
             .into_iter()
-            .map(|u| string(u).map(UserId::from))
+            .map(|added| {
+                let [user, at] = tuple::<2>(added)?;
+                Ok(MembershipUpdate {
+                    user_id: UserId::from(string(user)?),
+                    position: position(at)?,
+                })
+            })
             .collect()
     }
 
-    async fn remove_member(&self, conversation: ConversationId, user: &UserId) -> Result<bool> {
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<Option<MembershipUpdate>> {
         let v = self
             .script(
                 "remove member",
@@ -473,11 +711,15 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
-                &[&conversation.to_string(), user.as_str()],
+                &[&fresh_epoch(), &conversation.to_string(), user.as_str()],
             )
             .await?;
-        Ok(uint(v)? == 1)
+        Ok(position(v)?.map(|at| MembershipUpdate {
+            user_id: user.clone(),
+            position: Some(at),
+        }))
     }
 
     async fn conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
@@ -530,7 +772,7 @@ impl MessageStore for RedisStore {
             items.push(ConversationView {
                 conversation: decode_conversation(id, snapshot)?,
                 unread: uint(unread)?,
-                last_message: messages_with_scores(newest)?.pop(),
+                last_message: messages_with_reactions(newest)?.pop(),
             });
         }
         // The script reads the list and the conversations atomically, so each entry's key is
@@ -561,8 +803,10 @@ impl MessageStore for RedisStore {
                 &[
                     &self.keys.conv(conversation),
                     &self.keys.members(conversation),
+                    &self.keys.changes(conversation),
                 ],
                 &[
+                    &fresh_epoch(),
                     &conversation.to_string(),
                     user.as_str(),
                     kind,
@@ -570,10 +814,11 @@ impl MessageStore for RedisStore {
                 ],
             )
             .await?;
-        let [seq, moved] = tuple::<2>(v)?;
+        let [seq, moved, at] = tuple::<3>(v)?;
         Ok(MarkerUpdate {
             seq: uint(seq)?,
             moved: uint(moved)? == 1,
+            position: position(at)?,
         })
     }
 
