@@ -300,7 +300,7 @@ pub enum Change {
         /// Position of the message's latest change.
         position: u64,
         /// The message now.
-        message: Message,
+        message: Box<Message>,
     },
     /// A member's delivered/read markers moved: where they are now.
     Markers {

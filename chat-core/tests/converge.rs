@@ -86,15 +86,13 @@ async fn sync(device: &mut Device, conv: ConversationId) {
                 .into(),
             })
             .await;
-        let mut more = false;
-        loop {
+        let more = loop {
             let e = next(client).await;
             device.view.apply(&serde_json::to_value(&e).unwrap());
-            if let Event::SyncDone { more: m, .. } = e {
-                more = m.contains(&conv);
-                break;
+            if let Event::SyncDone { more, .. } = e {
+                break more.contains(&conv);
             }
-        }
+        };
         if !more {
             return;
         }

@@ -786,7 +786,7 @@ async fn a_lost_stream_gets_a_new_epoch() {
         page.changes,
         vec![Change::Message {
             position: 1,
-            message: m
+            message: Box::new(m)
         }],
         "the old log went with the old stream"
     );

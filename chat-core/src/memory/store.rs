@@ -232,7 +232,7 @@ impl ConvState {
         match item {
             Item::Message(seq) => self.message_at(*seq).map(|m| Change::Message {
                 position,
-                message: m.clone(),
+                message: Box::new(m.clone()),
             }),
             Item::Markers(user) => self.members.get(user).map(|s| Change::Markers {
                 position,

@@ -68,7 +68,7 @@ fn message_changes(changes: &[Change]) -> Vec<(u64, Message)> {
     changes
         .iter()
         .filter_map(|c| match c {
-            Change::Message { position, message } => Some((*position, message.clone())),
+            Change::Message { position, message } => Some((*position, (**message).clone())),
             _ => None,
         })
         .collect()
@@ -91,8 +91,8 @@ pub async fn positions_are_gap_free_under_concurrency(store: &DynMessageStore) {
     let tasks = 6;
     let per_task = 12;
     let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (store, fx, user) = (store.clone(), fx.clone(), users[t].clone());
+    for (t, user) in users.iter().take(tasks).cloned().enumerate() {
+        let (store, fx) = (store.clone(), fx.clone());
         let id = conv.id;
         handles.push(tokio::spawn(async move {
             let mut got = Vec::new();

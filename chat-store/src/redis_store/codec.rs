@@ -275,7 +275,11 @@ pub(super) fn decode_change(item: &str, position: u64, state: Value) -> Result<O
             let [json, reactions] = tuple::<2>(state)?;
             Some(Change::Message {
                 position,
-                message: decode_message_with(&string(json)?, parse_u64(id)?, reactions)?,
+                message: Box::new(decode_message_with(
+                    &string(json)?,
+                    parse_u64(id)?,
+                    reactions,
+                )?),
             })
         }
         ("k", value) => {

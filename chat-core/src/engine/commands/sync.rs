@@ -195,7 +195,7 @@ impl Chat {
                 self.reply(
                     conn,
                     Event::Message {
-                        message,
+                        message: *message,
                         position: Some(position),
                     },
                 )
