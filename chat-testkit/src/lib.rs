@@ -105,6 +105,12 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The server's working directory (where `SAVE` writes `dump.rdb` and from which a
+    /// restart loads it).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Kills the server (a crash: nothing is flushed).
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

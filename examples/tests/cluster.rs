@@ -373,3 +373,108 @@ async fn a_killed_gateway_loses_nothing_and_its_users_go_offline() {
         (Some("carol"), Some("offline"))
     );
 }
+
+/// Sends a `streams` sync for `conv` until the node answers it without a transient error
+/// (the node's first Redis calls after a Redis restart may fail; a failed conversation is
+/// retried as `more` says). Returns the frames up to the `sync_done`.
+async fn sync_streams_retrying(
+    node: &Node,
+    ws: &mut common::Ws,
+    user: &str,
+    conv: &str,
+    from: serde_json::Value,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no answer to sync");
+        ws.send(json!({"type": "sync", "streams": {conv: from.clone()}}))
+            .await;
+        let mut frames = Vec::new();
+        let answered = loop {
+            match ws.next_frame(Duration::from_secs(5)).await {
+                Some(Frame::Json(v)) => {
+                    let done = v["type"] == "sync_done";
+                    let transient = v["type"] == "error" && v["code"] == "internal";
+                    frames.push(v);
+                    if transient {
+                        break false;
+                    }
+                    if done {
+                        break true;
+                    }
+                }
+                // The node closed the socket (4000 resync after its Redis came back).
+                Some(Frame::Closed(_)) | None => {
+                    *ws = node.ws(user).await;
+                    break false;
+                }
+            }
+        };
+        let retried = frames.last().is_some_and(|v| {
+            v["more"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|c| c == conv))
+        });
+        if answered && !retried {
+            return frames;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis that comes back with less than it acknowledged (restarted from an older snapshot,
+/// or with nothing at all): a client syncing from its position gets a `reset` or `not_found`,
+/// never a replay of a different history as if it were the rest of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_writes_gives_a_syncing_client_a_reset_not_a_wrong_replay() {
+    let mut redis = RedisServer::start().await;
+    let a = start_node(&redis, 1, &[]).await;
+    let conv = conversation(&a, "alice", "direct", &["bob"]).await;
+    let mut alice = a.ws("alice").await;
+    alice.send_message(&conv, "m1", "one").await;
+    alice.send_message(&conv, "m2", "two").await;
+    // A snapshot with two messages; the third is acknowledged after it.
+    let saved = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.addr().port().to_string(), "SAVE"])
+        .output()
+        .expect("redis-cli (installed with redis-server)");
+    assert!(saved.status.success(), "{saved:?}");
+    alice.send_message(&conv, "m3", "three").await;
+    let mut bob = a.ws("bob").await;
+    let first = sync_streams_retrying(&a, &mut bob, "bob", &conv, json!({"position": 0})).await;
+    let stream = first.last().unwrap()["streams"][&conv].clone();
+    assert_eq!(stream["position"], 3, "{first:?}");
+    let epoch = stream["epoch"].as_str().unwrap().to_owned();
+
+    // Redis restarts from the snapshot: the conversation is back at position 2.
+    redis.restart().await;
+    let from = json!({"epoch": epoch, "position": 3});
+    let frames = sync_streams_retrying(&a, &mut bob, "bob", &conv, from.clone()).await;
+    let reset = frames
+        .iter()
+        .find(|f| f["type"] == "reset")
+        .unwrap_or_else(|| panic!("no reset: {frames:?}"));
+    assert_eq!(reset["reason"], "too_far_behind");
+    assert_eq!(
+        reset["stream"]["position"], 2,
+        "the stream as the store has it now"
+    );
+    assert!(
+        frames.iter().all(|f| f["type"] != "message"),
+        "nothing replayed: {frames:?}"
+    );
+    assert!(frames.last().unwrap().get("streams").is_none());
+
+    // Redis comes back with nothing: the conversation is gone, and says so.
+    redis.kill().await;
+    let _ = std::fs::remove_file(redis.data_dir().join("dump.rdb"));
+    redis.restart().await;
+    let frames = sync_streams_retrying(&a, &mut bob, "bob", &conv, from).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "not_found"),
+        "{frames:?}"
+    );
+    assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
+}
