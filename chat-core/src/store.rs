@@ -34,6 +34,55 @@
 //!
 //! Positions are `None` from a store without a change stream (then `changes_after` and
 //! `stream` return `None` and the engine's `sync` replays new messages by seq only).
+//!
+//! ```
+//! use chat_core::memory::MemoryStore;
+//! use chat_core::model::{Change, ConversationKind, MessageChange, MessageKind, NewConversation, NewMessage};
+//! use chat_core::id::{NodeId, SnowflakeGenerator};
+//! use chat_core::{MessageStore, UserId};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), chat_core::Error> {
+//! let store = MemoryStore::new();
+//! let ids = SnowflakeGenerator::new(NodeId::ZERO);
+//! let (alice, bob) = (UserId::from("alice"), UserId::from("bob"));
+//! let conv = store
+//!     .create_conversation(NewConversation {
+//!         id: ids.conversation_id(),
+//!         kind: ConversationKind::Direct,
+//!         name: None,
+//!         creator: alice.clone(),
+//!         members: vec![bob.clone()],
+//!         created_at: 0,
+//!     })
+//!     .await?;
+//! let sent = store
+//!     .append(NewMessage {
+//!         message_id: ids.message_id(),
+//!         conversation_id: conv.id,
+//!         sender_id: alice.clone(),
+//!         client_msg_id: "m1".into(),
+//!         kind: MessageKind::Text,
+//!         content: "hi".into(),
+//!         media: None,
+//!         reply_to: None,
+//!         created_at: 0,
+//!     })
+//!     .await?;
+//! assert_eq!(sent.position, Some(1));
+//! for text in ["hi!", "hi!!"] {
+//!     let edit = MessageChange::Edit { content: text.into() };
+//!     store.change_message(conv.id, sent.message.message_id, &alice, edit, 1).await?;
+//! }
+//! store.react(conv.id, sent.message.message_id, &bob, Some("👍")).await?; // position 4
+//!
+//! // A device that applied position 1 catches up: the message once, as it is now.
+//! let page = store.changes_after(conv.id, 1, 100).await?.expect("a change stream");
+//! assert_eq!(page.stream.position, 4);
+//! let [Change::Message { position: 4, message }] = page.changes.as_slice() else { panic!() };
+//! assert_eq!((message.content.as_str(), message.reactions[0].key.as_str()), ("hi!!", "👍"));
+//! # Ok(()) }
+//! ```
 
 use std::fmt::Debug;
 use std::sync::Arc;
