@@ -985,3 +985,17 @@ async fn concurrent_reactions_to_one_message_all_apply() {
     assert_eq!(m.reactions.iter().map(|r| r.users.len()).sum::<usize>(), 40);
     assert_eq!(m.version, 1, "reactions do not bump the version");
 }
+
+/// The convergence property (`chat_core::testing::converge`) on Redis: random sends, edits,
+/// deletes, reactions, receipts, member changes and disconnects over six devices; after a final
+/// `streams` sync every device's view equals the store's. Each case on a fresh Redis.
+#[test]
+fn every_device_converges_on_redis() {
+    chat_core::testing::converge::check(48, || async {
+        let server = RedisServer::start().await;
+        let store = RedisStore::connect(&server.url(), &random_prefix())
+            .await
+            .expect("connect to the test redis-server");
+        (Arc::new(store) as DynMessageStore, server)
+    });
+}
