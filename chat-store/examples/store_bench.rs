@@ -9,7 +9,9 @@
 //! Starts its own `redis-server` (persistence off, as in the tests) on a free port. Per backend:
 //! sequential appends to one conversation (what one busy conversation gets: the engine holds a
 //! per-conversation lock across `append`), 100 conversations appended to concurrently (one
-//! sequential sender each), and history pages of 50. Prints one line per measurement.
+//! sequential sender each), history pages of 50, read receipts (a marker moved by one each
+//! time) and, on a store with a change stream, reactions. Prints one line per measurement.
+//! `BENCH_REDIS_ONLY=1` skips the CQL part (no Cassandra needed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -82,6 +84,37 @@ async fn bench(backend: &str, store: DynMessageStore) {
     }
     report(backend, "history page of 50", lat, t0.elapsed());
 
+    // Read receipts: the reader's marker moves by one each time (every call moves it).
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    for seq in 1..=per_conv.min(last as usize) as u64 {
+        let t = Instant::now();
+        let up = store
+            .set_marker(conv.id, &users[1], chat_core::model::ReceiptKind::Read, seq)
+            .await
+            .unwrap();
+        lat.push(t.elapsed());
+        assert!(up.moved);
+    }
+    report(backend, "read marker, 1 conversation", lat, t0.elapsed());
+
+    // Reactions (stores with a change stream): users take turns on the newest message.
+    let newest = store.history(conv.id, None, 1).await.unwrap()[0].message_id;
+    if store.react(conv.id, newest, &users[0], Some("👍")).await.is_ok() {
+        let mut lat = Vec::new();
+        let t0 = Instant::now();
+        for i in 0..per_conv {
+            let key = if i % 2 == 0 { "🎉" } else { "👍" };
+            let t = Instant::now();
+            store
+                .react(conv.id, newest, &users[i % 2], Some(key))
+                .await
+                .unwrap();
+            lat.push(t.elapsed());
+        }
+        report(backend, "react, 1 message", lat, t0.elapsed());
+    }
+
     // 100 conversations, one sequential sender each, all at once.
     let convs = 100;
     let per = (per_conv / 10).max(20);
@@ -120,6 +153,9 @@ async fn main() {
         .unwrap();
     bench("redis", Arc::new(store)).await;
 
+    if std::env::var_os("BENCH_REDIS_ONLY").is_some() {
+        return;
+    }
     let uri = std::env::var("CHAT_TEST_SCYLLA_URI").expect("CHAT_TEST_SCYLLA_URI=host:port");
     let points: Vec<String> = uri.split(',').map(str::to_owned).collect();
     let keyspace = format!("bench_{:x}", random_u64() & 0xffff_ffff);
