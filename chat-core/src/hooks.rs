@@ -74,7 +74,7 @@ impl Default for RateLimitConfig {
     }
 }
 
-/// Per-user token bucket (GCRA, from `governor`) over sends, edits and deletes — retries of a
+/// Per-user token bucket (GCRA, from `governor`) over sends, edits, deletes and reactions — retries of a
 /// send count too; typing, receipts, sync and presence do not. Over the limit the command is
 /// rejected with `rate_limited`. The limit is per node: a user connected to two nodes gets
 /// twice the rate.
@@ -106,7 +106,11 @@ impl CommandHook for RateLimit {
     async fn before(&self, ctx: &HookContext<'_>, cmd: &mut Command) -> Result<()> {
         let counted = matches!(
             cmd,
-            Command::Message(_) | Command::Edit { .. } | Command::Delete { .. }
+            Command::Message(_)
+                | Command::Edit { .. }
+                | Command::Delete { .. }
+                | Command::React { .. }
+                | Command::Unreact { .. }
         );
         if counted && self.limiter.check_key(ctx.user).is_err() {
             return Err(Error::RateLimited);

@@ -437,7 +437,7 @@ impl Event {
 pub struct SessionLimits {
     /// Largest message content in UTF-8 bytes (over it: `too_large`).
     pub max_message_bytes: u64,
-    /// Sends, edits and deletes per second per user, when rate limited (over it:
+    /// Sends, edits, deletes and reactions per second per user, when rate limited (over it:
     /// `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_second: Option<u32>,

@@ -427,7 +427,7 @@ fn rand_suffix() -> u64 {
 }
 
 #[tokio::test]
-async fn rate_limit_counts_sends_edits_deletes_but_not_typing_or_receipts() {
+async fn rate_limit_counts_sends_edits_deletes_reactions_but_not_typing_receipts_or_refresh() {
     let h = Harness::with(|c| {
         c.rate_limit = Some(chat_core::hooks::RateLimitConfig {
             per_second: std::num::NonZeroU32::new(1).unwrap(),
@@ -464,6 +464,25 @@ async fn rate_limit_counts_sends_edits_deletes_but_not_typing_or_receipts() {
     )
     .await;
     assert_eq!(code, ErrorCode::RateLimited);
+    // Reactions count too (each one is fanned out to every member device).
+    for cmd in [
+        Command::React {
+            conversation_id: conv,
+            message_id: id,
+            key: "👍".into(),
+        },
+        Command::Unreact {
+            conversation_id: conv,
+            message_id: id,
+        },
+    ] {
+        let (code, _) = send_err(&mut alice, cmd).await;
+        assert_eq!(code, ErrorCode::RateLimited);
+    }
+    // `refresh` does not: it is answered on its own merits (this in-process session has no
+    // token verifier), never with rate_limited.
+    let (code, _) = send_err(&mut alice, Command::Refresh { token: "t".into() }).await;
+    assert_ne!(code, ErrorCode::RateLimited);
     // Typing and receipts still work and are not limited.
     for _ in 0..10 {
         alice

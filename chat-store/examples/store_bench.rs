@@ -100,7 +100,11 @@ async fn bench(backend: &str, store: DynMessageStore) {
 
     // Reactions (stores with a change stream): users take turns on the newest message.
     let newest = store.history(conv.id, None, 1).await.unwrap()[0].message_id;
-    if store.react(conv.id, newest, &users[0], Some("👍")).await.is_ok() {
+    if store
+        .react(conv.id, newest, &users[0], Some("👍"))
+        .await
+        .is_ok()
+    {
         let mut lat = Vec::new();
         let t0 = Instant::now();
         for i in 0..per_conv {

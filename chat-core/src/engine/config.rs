@@ -18,7 +18,7 @@ pub struct ChatConfig {
     pub max_message_bytes: usize,
     /// Largest `client_msg_id` in bytes (default 64).
     pub max_client_msg_id_bytes: usize,
-    /// Per-user rate limit on sends, edits and deletes; `None` disables it (default 20/s, burst 50).
+    /// Per-user rate limit on sends, edits, deletes and reactions; `None` disables it (default 20/s, burst 50).
     pub rate_limit: Option<RateLimitConfig>,
     /// At most one typing event per user per conversation per this window (default 3 s).
     pub typing_throttle: Duration,
