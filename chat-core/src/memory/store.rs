@@ -215,6 +215,18 @@ impl ConvState {
         self.messages.get(to_index(seq.checked_sub(1)?))
     }
 
+    /// The seq and the stored message of `id` (`NotFound`).
+    fn message_mut(&mut self, id: MessageId) -> Result<(u64, &mut Message)> {
+        let conversation = self.id;
+        let not_found = || Error::not_found(format!("message {id} in conversation {conversation}"));
+        let seq = *self.by_id.get(&id).ok_or_else(not_found)?;
+        let message = seq
+            .checked_sub(1)
+            .and_then(|i| self.messages.get_mut(to_index(i)))
+            .ok_or_else(not_found)?;
+        Ok((seq, message))
+    }
+
     /// Gives `item` the next position (moving its entry); returns it.
     fn record(&mut self, item: Item) -> u64 {
         self.stream.position += 1;
@@ -574,12 +586,7 @@ impl MessageStore for MemoryStore {
         let cell = self.get(conversation)?;
         let mut guard = lock(&cell);
         let st = &mut *guard;
-        let not_found = || Error::not_found(format!("message {id} in conversation {conversation}"));
-        let seq = *st.by_id.get(&id).ok_or_else(not_found)?;
-        let current = seq
-            .checked_sub(1)
-            .and_then(|i| st.messages.get_mut(to_index(i)))
-            .ok_or_else(not_found)?;
+        let (seq, current) = st.message_mut(id)?;
         if &current.sender_id != by {
             return Err(Error::forbidden(
                 "only the sender may edit or delete a message",
@@ -587,11 +594,12 @@ impl MessageStore for MemoryStore {
         }
         let mut changed = current.clone();
         change.apply(&mut changed, now)?;
-        if changed.deleted && !current.deleted {
+        let newly_deleted = changed.deleted && !current.deleted;
+        *current = changed.clone();
+        if newly_deleted {
             insert_sorted(&mut st.deleted, seq);
             insert_sorted(&mut st.senders.entry(by.clone()).or_default().deleted, seq);
         }
-        *current = changed.clone();
         let position = st.record(Item::Message(seq));
         Ok(MessageUpdate {
             message: changed,
@@ -612,12 +620,7 @@ impl MessageStore for MemoryStore {
         if !st.members.contains_key(user) {
             return Err(Error::NotMember(conversation));
         }
-        let not_found = || Error::not_found(format!("message {id} in conversation {conversation}"));
-        let seq = *st.by_id.get(&id).ok_or_else(not_found)?;
-        let current = seq
-            .checked_sub(1)
-            .and_then(|i| st.messages.get_mut(to_index(i)))
-            .ok_or_else(not_found)?;
+        let (seq, current) = st.message_mut(id)?;
         let mut changed = current.clone();
         if !apply_reaction(&mut changed, user, key)? {
             return Ok(MessageUpdate {
