@@ -10,7 +10,6 @@
 //! example tests, and [`CassandraNode`], a CQL node of one test.
 
 pub mod cassandra;
-pub mod view;
 pub mod ws;
 
 pub use cassandra::{CassandraNode, test_contact_points};
