@@ -27,6 +27,7 @@ const VIEWPORT = { width: 1000, height: 640 };
 let server = null;      // { proc, url, log }
 let browser = null;
 const pages = {};       // name -> page
+const frames = {};      // name -> { sent: [frame], received: [frame] } over every socket of the page
 const pageErrors = [];  // uncaught exceptions in the pages
 let failed = false;
 
@@ -124,6 +125,12 @@ async function openUser(name) {
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+  const log = frames[name] = { sent: [], received: [] };
+  const parse = (payload) => { try { return JSON.parse(payload); } catch { return null; } };
+  page.on('websocket', (ws) => {
+    ws.on('framesent', (f) => { const v = parse(f.payload); if (v) log.sent.push(v); });
+    ws.on('framereceived', (f) => { const v = parse(f.payload); if (v) log.received.push(v); });
+  });
   page.on('console', (m) => {
     // Failed connection attempts while the test has the browser offline are expected.
     if (m.type() === 'error' && !/WebSocket connection|Failed to load resource|net::ERR_/.test(m.text())) {
@@ -387,6 +394,7 @@ step('offline bob catches up on an edit, a delete, a reaction and a read, withou
   assert.equal(await msgItem(bob, 4).locator(tid('reaction')).count(), 0);
 
   // bob comes back: the reconnect's sync replays the current state of what changed.
+  const sentBefore = frames.bob.sent.length;
   await bob.context().setOffline(false);
   await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ timeout: 30_000 });
   await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited while you were away$/ }).waitFor();
@@ -399,6 +407,13 @@ step('offline bob catches up on an edit, a delete, a reaction and a read, withou
   assert.equal(await msgItem(bob, 7).locator(tid('edit-button')).count(), 1, 'Edit on his own message');
   const seqs = await bob.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
   assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7], 'no gaps, no duplicates, in seq order');
+  // It was the streams form, from the epoch and position bob had.
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.streams && sync.streams[conv], `a streams sync of ${conv}: ${JSON.stringify(sync)}`);
+  assert.match(sync.streams[conv].epoch, /^\d+$/);
+  assert.ok(sync.streams[conv].position > 0);
+  assert.equal(sync.conversations, undefined, 'not the seq form');
   await shoot(bob, 'bob-caught-up');
 });
 
@@ -435,6 +450,66 @@ step('reactions from the page: a click toggles, the picker sets a key, the other
   assert.ok(a, 'alice follows the stream');
   assert.equal(b, a, "bob's page reached the same position as alice's");
   await shoot(alice, 'alice-reactions');
+});
+
+const streamOf = (page, conv) => page.evaluate((id) => window.chatDebug.streams()[id], conv);
+
+step('a live frame lost on the way is noticed by its position and filled in by a sync', async () => {
+  const { alice, bob } = pages;
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sentBefore = frames.bob.sent.length;
+  await bob.evaluate(() => window.chatDebug.dropNext('message_edited'));
+  await msgItem(alice, 5).locator(tid('edit-button')).click();
+  await msgItem(alice, 5).locator(tid('edit-input')).fill('edited twice');
+  await msgItem(alice, 5).locator(tid('edit-save-button')).click();
+  await msgItem(alice, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  // bob lost the edit; the next change (alice reacts to his message) arrives a position ahead.
+  await msgItem(alice, 7).locator(tid('react-button')).click();
+  await msgItem(alice, 7).locator(tid('reaction-option', '[data-key="😂"]')).click();
+  await reactionChip(bob, 7, '😂', '[data-count="1"]').waitFor();
+  await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.streams && sync.streams[conv], 'bob synced the conversation by streams');
+  const deadline = Date.now() + WAIT;
+  while (Date.now() < deadline && JSON.stringify(await streamOf(bob, conv)) !== JSON.stringify(await streamOf(alice, conv))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.deepEqual(await streamOf(bob, conv), await streamOf(alice, conv));
+});
+
+step('a sync from another epoch gets a reset: the page reloads the conversation and follows the stream', async () => {
+  const { alice, bob } = pages;
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const real = await streamOf(bob, conv);
+  const receivedBefore = frames.bob.received.length;
+  // As if bob's copy belonged to a history the server no longer has.
+  await bob.evaluate((id) => { window.chatDebug.state.convs.get(id).stream.epoch = '12345'; window.chatDebug.dropConnection(); }, conv);
+  const deadline = Date.now() + 30_000;
+  let reset;
+  while (Date.now() < deadline && !(reset = frames.bob.received.slice(receivedBefore).find((f) => f.type === 'reset'))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.ok(reset, 'a reset frame');
+  assert.equal(reset.conversation_id, conv);
+  assert.equal(reset.reason, 'epoch');
+  assert.equal(reset.stream.epoch, real.epoch);
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor();
+  while (Date.now() < deadline && JSON.stringify(await streamOf(bob, conv)) !== JSON.stringify(await streamOf(alice, conv))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.deepEqual(await streamOf(bob, conv), await streamOf(alice, conv), 'back on the real epoch, at the same position');
+  // The reloaded copy is the current state.
+  await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  await msgItem(bob, 6).locator(tid('deleted-message')).waitFor();
+  await reactionChip(bob, 4, '👍', '[data-count="1"]').waitFor();
+  await reactionChip(bob, 5, '🎉', '[data-count="1"][data-mine="true"]').waitFor();
+  await msgItem(bob, 7).locator(tid('read-receipt', '[data-users="alice"]')).waitFor();
+  const seqs = await bob.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7]);
+  // And live changes keep flowing.
+  await alice.locator(tid('composer-input')).fill('after the reset');
+  await alice.locator(tid('composer-input')).press('Enter');
+  await msgItem(bob, 8).filter({ hasText: 'after the reset' }).waitFor();
 });
 
 step('bob closes his page: after the offline debounce alice sees him offline', async () => {
