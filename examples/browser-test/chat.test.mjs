@@ -512,6 +512,28 @@ step('a sync from another epoch gets a reset: the page reloads the conversation 
   await msgItem(bob, 8).filter({ hasText: 'after the reset' }).waitFor();
 });
 
+step('against a server without change streams the page would sync by seq: that form still recovers messages', async () => {
+  const { alice, bob } = pages;
+  // As after the "keeps no change stream" error: the page switches to the seq-only form.
+  await bob.evaluate(() => { window.chatDebug.state.seqOnly = true; });
+  await bob.context().setOffline(true);
+  await bob.evaluate(() => window.chatDebug.dropConnection());
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ state: 'detached' });
+  await alice.locator(tid('composer-input')).fill('sent while bob was away again');
+  await alice.locator(tid('composer-input')).press('Enter');
+  await alice.locator(tid('message-item', '[data-seq="9"][data-status="sent"]')).waitFor();
+  const sentBefore = frames.bob.sent.length;
+  await bob.context().setOffline(false);
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ timeout: 30_000 });
+  await msgItem(bob, 9).filter({ hasText: 'sent while bob was away again' }).waitFor();
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.conversations, `a seq-form sync: ${JSON.stringify(sync)}`);
+  assert.equal(sync.conversations[conv], 8, 'from the last seq bob held');
+  assert.equal(sync.streams, undefined);
+  await bob.evaluate(() => { window.chatDebug.state.seqOnly = false; });
+});
+
 step('bob closes his page: after the offline debounce alice sees him offline', async () => {
   const { alice, bob } = pages;
   await shoot(alice, 'alice');
