@@ -27,6 +27,7 @@ const VIEWPORT = { width: 1000, height: 640 };
 let server = null;      // { proc, url, log }
 let browser = null;
 const pages = {};       // name -> page
+const frames = {};      // name -> { sent: [frame], received: [frame] } over every socket of the page
 const pageErrors = [];  // uncaught exceptions in the pages
 let failed = false;
 
@@ -124,6 +125,12 @@ async function openUser(name) {
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+  const log = frames[name] = { sent: [], received: [] };
+  const parse = (payload) => { try { return JSON.parse(payload); } catch { return null; } };
+  page.on('websocket', (ws) => {
+    ws.on('framesent', (f) => { const v = parse(f.payload); if (v) log.sent.push(v); });
+    ws.on('framereceived', (f) => { const v = parse(f.payload); if (v) log.received.push(v); });
+  });
   page.on('console', (m) => {
     // Failed connection attempts while the test has the browser offline are expected.
     if (m.type() === 'error' && !/WebSocket connection|Failed to load resource|net::ERR_/.test(m.text())) {
@@ -334,6 +341,197 @@ step('a group of three: 60 messages; carol, connecting later, pages back with "l
   // Back to the direct conversation for the rest of the story.
   await convItem(alice, 'bob').click();
   await alice.locator(tid('message-item', '[data-seq="4"]')).waitFor();
+});
+
+const msgItem = (page, seq) => page.locator(tid('message-item', `[data-seq="${seq}"]`));
+const reactionChip = (page, seq, key, extra = '') => msgItem(page, seq).locator(tid('reaction', `[data-key="${key}"]${extra}`));
+
+step('offline bob catches up on an edit, a delete, a reaction and a read, without a reload', async () => {
+  const { alice, bob } = pages;
+  // bob has the direct conversation open; alice sends two messages he sees (and reads) live.
+  await convItem(bob, 'alice').click();
+  await msgItem(bob, 4).waitFor();
+  for (const text of ['edit me', 'delete me']) {
+    await alice.locator(tid('composer-input')).fill(text);
+    await alice.locator(tid('composer-input')).press('Enter');
+  }
+  await msgItem(bob, 6).filter({ hasText: 'delete me' }).waitFor();
+  await msgItem(alice, 6).locator(tid('read-receipt', '[data-users="bob"]')).waitFor();
+  // alice looks at the group, so bob's next message stays unread on her side.
+  await convItem(alice, 'team').click();
+  await alice.locator(tid('conversation-title')).filter({ hasText: /^team$/ }).waitFor();
+  await bob.locator(tid('composer-input')).fill('read me');
+  await bob.locator(tid('composer-input')).press('Enter');
+  await bob.locator(tid('message-item', '[data-seq="7"][data-status="sent"]')).waitFor();
+  await convItem(alice, 'bob').locator(tid('unread-badge'), { hasText: /^1$/ }).waitFor();
+  await msgItem(bob, 7).locator(tid('delivered-receipt', '[data-users="alice"]')).waitFor();
+  assert.equal(await msgItem(bob, 7).locator(tid('read-receipt')).count(), 0, 'alice has not read it yet');
+
+  // bob's page goes offline: its socket closes and reconnects fail, so it misses live frames.
+  await bob.evaluate(() => { window.__sameDocument = true; });
+  await bob.context().setOffline(true);
+  await bob.evaluate(() => window.chatDebug.dropConnection());
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ state: 'detached' });
+
+  // Meanwhile alice reads (opening the conversation), edits, deletes and reacts from her page.
+  await convItem(alice, 'bob').click();
+  await convItem(alice, 'bob').locator(tid('unread-badge')).waitFor({ state: 'detached' });
+  await msgItem(alice, 5).locator(tid('edit-button')).click();
+  const editInput = msgItem(alice, 5).locator(tid('edit-input'));
+  assert.equal(await editInput.inputValue(), 'edit me', 'the editor starts from the current text');
+  await editInput.fill('edited while you were away');
+  await editInput.press('Enter');
+  await msgItem(alice, 5).locator(tid('message-content')).filter({ hasText: /^edited while you were away$/ }).waitFor();
+  await msgItem(alice, 6).locator(tid('delete-button')).click();
+  await msgItem(alice, 6).locator(tid('deleted-message')).waitFor();
+  await msgItem(alice, 4).locator(tid('react-button')).click();
+  await msgItem(alice, 4).locator(tid('reaction-picker')).locator(tid('reaction-option', '[data-key="👍"]')).click();
+  await reactionChip(alice, 4, '👍', '[data-count="1"][data-mine="true"]').waitFor();
+  await msgItem(alice, 4).locator(tid('reaction-picker')).waitFor({ state: 'detached' });
+  // bob, offline, still shows the old state.
+  assert.equal(await msgItem(bob, 5).locator(tid('message-content')).textContent(), 'edit me');
+  assert.equal(await msgItem(bob, 6).locator(tid('deleted-message')).count(), 0);
+  assert.equal(await msgItem(bob, 4).locator(tid('reaction')).count(), 0);
+
+  // bob comes back: the reconnect's sync replays the current state of what changed.
+  const sentBefore = frames.bob.sent.length;
+  await bob.context().setOffline(false);
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ timeout: 30_000 });
+  await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited while you were away$/ }).waitFor();
+  await msgItem(bob, 5).locator(tid('edited-marker')).waitFor();
+  await msgItem(bob, 6).locator(tid('deleted-message')).filter({ hasText: 'message deleted' }).waitFor();
+  await reactionChip(bob, 4, '👍', '[data-count="1"][data-mine="false"]').waitFor();
+  await msgItem(bob, 7).locator(tid('read-receipt', '[data-users="alice"]')).waitFor();
+  assert.equal(await bob.evaluate(() => window.__sameDocument), true, 'no page reload');
+  assert.equal(await msgItem(bob, 5).locator(tid('edit-button')).count(), 0, "no Edit on someone else's message");
+  assert.equal(await msgItem(bob, 7).locator(tid('edit-button')).count(), 1, 'Edit on his own message');
+  const seqs = await bob.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7], 'no gaps, no duplicates, in seq order');
+  // It was the streams form, from the epoch and position bob had.
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.streams && sync.streams[conv], `a streams sync of ${conv}: ${JSON.stringify(sync)}`);
+  assert.match(sync.streams[conv].epoch, /^\d+$/);
+  assert.ok(sync.streams[conv].position > 0);
+  assert.equal(sync.conversations, undefined, 'not the seq form');
+  await shoot(bob, 'bob-caught-up');
+});
+
+step('reactions from the page: a click toggles, the picker sets a key, the other page sees it live', async () => {
+  const { alice, bob } = pages;
+  // bob adds his 👍 to alice's on message 4 by clicking the chip.
+  await reactionChip(bob, 4, '👍').click();
+  await reactionChip(bob, 4, '👍', '[data-count="2"][data-mine="true"]').waitFor();
+  await reactionChip(alice, 4, '👍', '[data-count="2"][data-mine="true"]').waitFor();
+  assert.equal(await reactionChip(alice, 4, '👍').getAttribute('title'), 'alice, bob');
+  // bob reacts ❤️ to alice's edited message through the picker.
+  await msgItem(bob, 5).locator(tid('react-button')).click();
+  await msgItem(bob, 5).locator(tid('reaction-picker')).locator(tid('reaction-option', '[data-key="❤️"]')).click();
+  await reactionChip(alice, 5, '❤️', '[data-count="1"][data-mine="false"]').waitFor();
+  // A new key replaces the old one (one reaction per user per message).
+  await msgItem(bob, 5).locator(tid('react-button')).click();
+  await msgItem(bob, 5).locator(tid('reaction-picker')).locator(tid('reaction-option', '[data-key="🎉"]')).click();
+  await reactionChip(alice, 5, '🎉', '[data-count="1"]').waitFor();
+  await reactionChip(alice, 5, '❤️').waitFor({ state: 'detached' });
+  // A second click on his chip removes bob's 👍: alice's stays.
+  await reactionChip(bob, 4, '👍').click();
+  await reactionChip(alice, 4, '👍', '[data-count="1"][data-mine="true"]').waitFor();
+  await reactionChip(bob, 4, '👍', '[data-count="1"][data-mine="false"]').waitFor();
+  // Both pages applied the same contiguous stream positions.
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const position = (page) => page.evaluate((id) => { const s = window.chatDebug.streams()[id]; return s && `${s.epoch}:${s.position}`; }, conv);
+  const deadline = Date.now() + WAIT;
+  let a, b;
+  while (Date.now() < deadline) {
+    [a, b] = [await position(alice), await position(bob)];
+    if (a && a === b) break;
+    await alice.waitForTimeout(100);
+  }
+  assert.ok(a, 'alice follows the stream');
+  assert.equal(b, a, "bob's page reached the same position as alice's");
+  await shoot(alice, 'alice-reactions');
+});
+
+const streamOf = (page, conv) => page.evaluate((id) => window.chatDebug.streams()[id], conv);
+
+step('a live frame lost on the way is noticed by its position and filled in by a sync', async () => {
+  const { alice, bob } = pages;
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sentBefore = frames.bob.sent.length;
+  await bob.evaluate(() => window.chatDebug.dropNext('message_edited'));
+  await msgItem(alice, 5).locator(tid('edit-button')).click();
+  await msgItem(alice, 5).locator(tid('edit-input')).fill('edited twice');
+  await msgItem(alice, 5).locator(tid('edit-save-button')).click();
+  await msgItem(alice, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  // bob lost the edit; the next change (alice reacts to his message) arrives a position ahead.
+  await msgItem(alice, 7).locator(tid('react-button')).click();
+  await msgItem(alice, 7).locator(tid('reaction-option', '[data-key="😂"]')).click();
+  await reactionChip(bob, 7, '😂', '[data-count="1"]').waitFor();
+  await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.streams && sync.streams[conv], 'bob synced the conversation by streams');
+  const deadline = Date.now() + WAIT;
+  while (Date.now() < deadline && JSON.stringify(await streamOf(bob, conv)) !== JSON.stringify(await streamOf(alice, conv))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.deepEqual(await streamOf(bob, conv), await streamOf(alice, conv));
+});
+
+step('a sync from another epoch gets a reset: the page reloads the conversation and follows the stream', async () => {
+  const { alice, bob } = pages;
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const real = await streamOf(bob, conv);
+  const receivedBefore = frames.bob.received.length;
+  // As if bob's copy belonged to a history the server no longer has.
+  await bob.evaluate((id) => { window.chatDebug.state.convs.get(id).stream.epoch = '12345'; window.chatDebug.dropConnection(); }, conv);
+  const deadline = Date.now() + 30_000;
+  let reset;
+  while (Date.now() < deadline && !(reset = frames.bob.received.slice(receivedBefore).find((f) => f.type === 'reset'))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.ok(reset, 'a reset frame');
+  assert.equal(reset.conversation_id, conv);
+  assert.equal(reset.reason, 'epoch');
+  assert.equal(reset.stream.epoch, real.epoch);
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor();
+  while (Date.now() < deadline && JSON.stringify(await streamOf(bob, conv)) !== JSON.stringify(await streamOf(alice, conv))) {
+    await bob.waitForTimeout(100);
+  }
+  assert.deepEqual(await streamOf(bob, conv), await streamOf(alice, conv), 'back on the real epoch, at the same position');
+  // The reloaded copy is the current state.
+  await msgItem(bob, 5).locator(tid('message-content')).filter({ hasText: /^edited twice$/ }).waitFor();
+  await msgItem(bob, 6).locator(tid('deleted-message')).waitFor();
+  await reactionChip(bob, 4, '👍', '[data-count="1"]').waitFor();
+  await reactionChip(bob, 5, '🎉', '[data-count="1"][data-mine="true"]').waitFor();
+  await msgItem(bob, 7).locator(tid('read-receipt', '[data-users="alice"]')).waitFor();
+  const seqs = await bob.locator(tid('message-item', '[data-seq]')).evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7]);
+  // And live changes keep flowing.
+  await alice.locator(tid('composer-input')).fill('after the reset');
+  await alice.locator(tid('composer-input')).press('Enter');
+  await msgItem(bob, 8).filter({ hasText: 'after the reset' }).waitFor();
+});
+
+step('against a server without change streams the page would sync by seq: that form still recovers messages', async () => {
+  const { alice, bob } = pages;
+  // As after the "keeps no change stream" error: the page switches to the seq-only form.
+  await bob.evaluate(() => { window.chatDebug.state.seqOnly = true; });
+  await bob.context().setOffline(true);
+  await bob.evaluate(() => window.chatDebug.dropConnection());
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ state: 'detached' });
+  await alice.locator(tid('composer-input')).fill('sent while bob was away again');
+  await alice.locator(tid('composer-input')).press('Enter');
+  await alice.locator(tid('message-item', '[data-seq="9"][data-status="sent"]')).waitFor();
+  const sentBefore = frames.bob.sent.length;
+  await bob.context().setOffline(false);
+  await bob.locator(tid('connection-status', '[data-status="online"]')).waitFor({ timeout: 30_000 });
+  await msgItem(bob, 9).filter({ hasText: 'sent while bob was away again' }).waitFor();
+  const conv = await bob.locator(tid('conversation-item', '.active')).getAttribute('data-conversation-id');
+  const sync = frames.bob.sent.slice(sentBefore).find((f) => f.type === 'sync');
+  assert.ok(sync && sync.conversations, `a seq-form sync: ${JSON.stringify(sync)}`);
+  assert.equal(sync.conversations[conv], 8, 'from the last seq bob held');
+  assert.equal(sync.streams, undefined);
+  await bob.evaluate(() => { window.chatDebug.state.seqOnly = false; });
 });
 
 step('bob closes his page: after the offline debounce alice sees him offline', async () => {
