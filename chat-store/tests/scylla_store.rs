@@ -70,6 +70,20 @@ async fn raw_session() -> Session {
 mod cql {
     use super::*;
     chat_core::store_conformance_tests!(scylla_test_store);
+    chat_core::change_stream_conformance_tests!(scylla_test_store);
+}
+
+/// Two stores ("nodes") on one keyspace change one conversation at once (appends, reactions,
+/// receipts): their position claims collide and are retried, and the positions are still
+/// exactly 1..=N with one head seen from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_positions_gap_free() {
+    chat_core::testing::stream::two_nodes_positions_gap_free(
+        Arc::new(open().await),
+        Arc::new(open().await),
+        15,
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------- CQL-specific cases
