@@ -715,3 +715,84 @@ async fn cql_an_unavailable_answer_is_a_transient_error_and_stores_nothing() {
     assert!(store.append(message).await.unwrap().duplicate);
     assert_eq!(store.history(conv.id, None, 10).await.unwrap().len(), 1);
 }
+
+/// What the operations cost in lightweight transactions (Paxos rounds), uncontended, measured
+/// with `ScyllaStore::lwt_count` (the numbers of the crate docs): a new message 3 (idempotency
+/// claim, message row, position), a retried one 1, a receipt that moves a marker 1 (its
+/// position), one that does not 0, a reaction 2 (CAS, position), the same reaction again 0, an
+/// edit 2, a join 2, a leave 2.
+#[tokio::test]
+async fn cql_lwt_cost_per_operation() {
+    use chat_core::model::{MessageChange, ReceiptKind};
+    let store = open().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let mut costs = Vec::new();
+    let mut last = store.lwt_count();
+    let mut note = |what: &'static str, store: &ScyllaStore| {
+        let now = store.lwt_count();
+        costs.push((what, now - last));
+        last = now;
+    };
+    let new = fx.new_message(conv.id, a, "lwt-cost", "hi");
+    let m = store.append(new.clone()).await.unwrap().message;
+    note("append", &store);
+    let retry = store
+        .append(NewMessage {
+            message_id: fx.message_id(),
+            ..new
+        })
+        .await
+        .unwrap();
+    assert!(retry.duplicate && retry.position.is_none());
+    note("append retried", &store);
+    store
+        .set_marker(conv.id, b, ReceiptKind::Read, m.seq)
+        .await
+        .unwrap();
+    note("receipt", &store);
+    store
+        .set_marker(conv.id, b, ReceiptKind::Read, m.seq)
+        .await
+        .unwrap();
+    note("receipt, no move", &store);
+    store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    note("reaction", &store);
+    store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    note("reaction again", &store);
+    let edit = MessageChange::Edit {
+        content: "hi!".into(),
+    };
+    store
+        .change_message(conv.id, m.message_id, a, edit, 2)
+        .await
+        .unwrap();
+    note("edit", &store);
+    let c = fx.user("c");
+    store.add_members(conv.id, &[c.clone()], 3).await.unwrap();
+    note("join", &store);
+    store.remove_member(conv.id, &c).await.unwrap();
+    note("leave", &store);
+    eprintln!("LWTs per operation: {costs:?}");
+    assert_eq!(
+        costs,
+        vec![
+            ("append", 3),
+            ("append retried", 1),
+            ("receipt", 1),
+            ("receipt, no move", 0),
+            ("reaction", 2),
+            ("reaction again", 0),
+            ("edit", 2),
+            ("join", 2),
+            ("leave", 2),
+        ]
+    );
+}

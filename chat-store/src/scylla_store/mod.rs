@@ -9,6 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
@@ -594,6 +595,8 @@ struct Inner {
     claims: Vec<tokio::sync::Mutex<Option<(ConversationId, u64)>>>,
     /// Positions per `changes` partition ([`CHANGE_BUCKET_FACTOR`] × `bucket_size`).
     change_bucket: u64,
+    /// Conditional statements (LWTs) sent so far; see [`ScyllaStore::lwt_count`].
+    lwts: AtomicU64,
 }
 
 impl fmt::Debug for ScyllaStore {
@@ -677,6 +680,7 @@ impl ScyllaStore {
                     .map(|_| tokio::sync::Mutex::new(None))
                     .collect(),
                 change_bucket: bucket_size.saturating_mul(CHANGE_BUCKET_FACTOR),
+                lwts: AtomicU64::new(0),
             }),
         })
     }
@@ -684,6 +688,13 @@ impl ScyllaStore {
     /// Seqs per `messages` partition of this keyspace.
     pub fn bucket_size(&self) -> u64 {
         self.inner.bucket_size
+    }
+
+    /// How many lightweight transactions (conditional statements, each a Paxos round) this
+    /// store has sent since it was opened: a measure of the cost of the operations (see the
+    /// crate docs for the count per operation).
+    pub fn lwt_count(&self) -> u64 {
+        self.inner.lwts.load(Ordering::Relaxed)
     }
 
     /// The options the store was opened with.
@@ -711,6 +722,10 @@ impl ScyllaStore {
     }
 
     async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<QueryResult> {
+        // Only the conditional statements have " IF " (DDL never goes through here).
+        if st.get_statement().contains(" IF ") {
+            self.inner.lwts.fetch_add(1, Ordering::Relaxed);
+        }
         self.inner
             .session
             .execute_unpaged(st, values)
