@@ -268,6 +268,25 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
     assert!(a.duplicate);
     assert_eq!(a.message, crashed.clone().into_message(1));
     assert_eq!(
+        a.position,
+        Some(1),
+        "the crashed node claimed no position: the retry claims it"
+    );
+    let page = store.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.position, 1);
+    assert_eq!(
+        page.changes,
+        vec![chat_core::model::Change::Message {
+            position: 1,
+            message: a.message.clone()
+        }]
+    );
+    let again = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry 2"))
+        .await
+        .unwrap();
+    assert_eq!(again.position, None, "it has its position now");
+    assert_eq!(
         store.message(conv.id, crashed.message_id).await.unwrap(),
         Some(a.message.clone())
     );
@@ -276,6 +295,94 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
     assert_eq!(store.unread(conv.id, &users[0]).await.unwrap(), 0);
     assert_eq!(store.unread(conv.id, &users[1]).await.unwrap(), 1);
     assert_eq!(fx.send(&store, conv.id, &users[1], "next").await.seq, 2);
+}
+
+/// Crash after a change's effect, before its position: a reaction (or an edit) stored with
+/// no position, a marker moved with no position. The retry of the same call changes nothing
+/// but finishes the position, so clients replaying the stream see the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_claims_the_position_of_a_crashed_reaction_and_receipt() {
+    use chat_core::model::{Change, Reaction, ReceiptKind};
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let m = fx.send(&store, conv.id, a, "react to me").await; // position 1
+    // What a crashed `react` leaves: the CAS applied (reactions, rev), no claim.
+    let reactions = vec![Reaction {
+        key: "👍".into(),
+        users: vec![b.clone()],
+    }];
+    raw.query_unpaged(
+        format!(
+            "UPDATE {} SET reactions = ?, rev = 1 WHERE conversation_id = ? AND bucket = 0 \
+             AND seq = 1",
+            ks_table("messages")
+        ),
+        (
+            serde_json::to_string(&reactions).unwrap(),
+            conv.id.get() as i64,
+        ),
+    )
+    .await
+    .unwrap();
+    // What a crashed read receipt leaves: the markers moved (max-wins), no claim.
+    raw.query_unpaged(
+        format!(
+            "UPDATE {} USING TIMESTAMP 1 SET read_seq = 1, delivered_seq = 1 \
+             WHERE conversation_id = ? AND user_id = ?",
+            ks_table("markers")
+        ),
+        (conv.id.get() as i64, b.as_str()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.stream(conv.id).await.unwrap().unwrap().position, 1);
+
+    let r = store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.position,
+        Some(2),
+        "the retried reaction claims the position"
+    );
+    assert_eq!(r.message.reactions, reactions);
+    let k = store
+        .set_marker(conv.id, b, ReceiptKind::Read, 1)
+        .await
+        .unwrap();
+    assert_eq!((k.seq, k.moved, k.position), (1, true, Some(3)));
+    // Finished: the same calls again are no-ops.
+    let r = store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(r.position, None);
+    let k = store
+        .set_marker(conv.id, b, ReceiptKind::Read, 1)
+        .await
+        .unwrap();
+    assert_eq!((k.moved, k.position), (false, None));
+    let page = store.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.position, 3);
+    assert_eq!(
+        page.changes,
+        vec![
+            Change::Message {
+                position: 2,
+                message: r.message.clone()
+            },
+            Change::Markers {
+                position: 3,
+                user_id: b.clone(),
+                delivered: 1,
+                read: 1
+            },
+        ]
+    );
 }
 
 /// The schema is versioned and created once: a second store on the keyspace migrates nothing,

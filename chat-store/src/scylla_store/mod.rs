@@ -194,6 +194,17 @@ struct MessageRow {
     deleted: Option<bool>,
     version: i64,
     reactions: Option<String>,
+    rev: Option<i64>,
+    claimed_rev: Option<i64>,
+}
+
+/// What a CAS on a message row compares with, and whether its latest change has a position.
+struct MessageMeta {
+    /// `rev` as stored (`None`: never changed since it was stored).
+    rev: Option<i64>,
+    /// Whether a change of the message is stored but no position was claimed after it (its
+    /// writer crashed, or is between the two steps).
+    unclaimed: bool,
 }
 
 impl MessageRow {
@@ -221,7 +232,8 @@ impl MessageRow {
 }
 
 const MESSAGE_COLUMNS: &str = "seq, message_id, sender_id, client_msg_id, kind, content, media, \
-                               reply_to, created_at, edited_at, deleted, version, reactions";
+                               reply_to, created_at, edited_at, deleted, version, reactions, \
+                               rev, claimed_rev";
 
 /// The columns of a lightweight transaction's result, by name (`[applied]` and, when not
 /// applied, the current values; ScyllaDB and Cassandra differ in which columns they return).
@@ -303,6 +315,8 @@ struct Statements {
     deleted_count: PreparedStatement,
     conv_epoch_lwt: PreparedStatement,
     conv_head: PreparedStatement,
+    msg_claimed: PreparedStatement,
+    marker_claimed: PreparedStatement,
     msg_tombstone: PreparedStatement,
     msg_react: PreparedStatement,
     msg_in: PreparedStatement,
@@ -375,7 +389,7 @@ impl Statements {
             ))
             .await?,
             marker_get: idempotent(format!(
-                "SELECT read_seq, delivered_seq FROM {ks}.markers \
+                "SELECT read_seq, delivered_seq, claimed_sum FROM {ks}.markers \
                  WHERE conversation_id = ? AND user_id = ?"
             ))
             .await?,
@@ -435,7 +449,8 @@ impl Statements {
             .await?,
             msg_update: p(format!(
                 "UPDATE {ks}.messages SET content = ?, media = ?, edited_at = ?, deleted = ?, \
-                 version = ? WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ?"
+                 version = ?, rev = ? WHERE conversation_id = ? AND bucket = ? AND seq = ? \
+                 IF version = ? AND rev = ?"
             ))
             .await?,
             id_insert: idempotent(format!(
@@ -492,16 +507,26 @@ impl Statements {
                 "UPDATE {ks}.conversations USING TIMESTAMP ? SET head = ? WHERE id = ?"
             ))
             .await?,
+            msg_claimed: idempotent(format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET claimed_rev = ? \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+            ))
+            .await?,
+            marker_claimed: idempotent(format!(
+                "UPDATE {ks}.markers USING TIMESTAMP ? SET claimed_sum = ? \
+                 WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
             msg_tombstone: p(format!(
                 "UPDATE {ks}.messages SET content = ?, media = ?, edited_at = ?, deleted = ?, \
-                 version = ?, reactions = null \
-                 WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ?"
+                 version = ?, rev = ?, reactions = null \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ? AND rev = ?"
             ))
             .await?,
             msg_react: p(format!(
-                "UPDATE {ks}.messages SET reactions = ? \
+                "UPDATE {ks}.messages SET reactions = ?, rev = ? \
                  WHERE conversation_id = ? AND bucket = ? AND seq = ? \
-                 IF version = ? AND reactions = ?"
+                 IF version = ? AND rev = ?"
             ))
             .await?,
             msg_in: idempotent(format!(
@@ -944,8 +969,11 @@ impl ScyllaStore {
                     if !lwt.applied {
                         return Ok::<_, Error>(None);
                     }
+                    // The join's position covers the markers it starts with.
+                    let sum = last.saturating_mul(2);
                     tokio::try_join!(
                         self.exec(&st.marker_set, (last, last, last, cid, u.as_str())),
+                        self.exec(&st.marker_claimed, (sum, sum, cid, u.as_str())),
                         self.exec(&st.user_conv_insert, (u.as_str(), cid)),
                     )?;
                     let position = self.claim(conversation, None, &membership_item(&u)).await?;
@@ -1307,11 +1335,44 @@ impl ScyllaStore {
     }
 
     async fn marker_row(&self, cid: i64, user: &UserId) -> Result<(u64, u64)> {
-        let row: Option<(Option<i64>, Option<i64>)> = self
+        let (read, delivered, _) = self.marker_state(cid, user).await?;
+        Ok((read, delivered))
+    }
+
+    /// Read and delivered markers, and `claimed_sum` (see the schema).
+    async fn marker_state(&self, cid: i64, user: &UserId) -> Result<(u64, u64, u64)> {
+        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = self
             .first(&self.inner.st.marker_get, (cid, user.as_str()))
             .await?;
-        let (r, d) = row.unwrap_or((None, None));
-        Ok((u64_of(r.unwrap_or(0))?, u64_of(d.unwrap_or(0))?))
+        let (r, d, c) = row.unwrap_or((None, None, None));
+        Ok((
+            u64_of(r.unwrap_or(0))?,
+            u64_of(d.unwrap_or(0))?,
+            u64_of(c.unwrap_or(0))?,
+        ))
+    }
+
+    /// Claims a position for the user's markers and records what it covers; returns the
+    /// position and the markers as of it.
+    async fn claim_markers(
+        &self,
+        conversation: ConversationId,
+        hint: u64,
+        user: &UserId,
+    ) -> Result<(u64, u64, u64)> {
+        let cid = i64_of(conversation.get())?;
+        let position = self
+            .claim(conversation, Some(hint), &markers_item(user))
+            .await?;
+        // As of the position (max-wins: a concurrent higher receipt may be there already).
+        let (read, delivered, _) = self.marker_state(cid, user).await?;
+        let sum = i64_of(read.saturating_add(delivered))?;
+        self.exec(
+            &self.inner.st.marker_claimed,
+            (sum, sum, cid, user.as_str()),
+        )
+        .await?;
+        Ok((position, read, delivered))
     }
 
     async fn unread_inner(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
@@ -1498,12 +1559,12 @@ impl ScyllaStore {
         Ok(StreamPosition { epoch, position })
     }
 
-    /// The message row at `seq` with the raw `reactions` text (the CAS compares with it).
+    /// The message row at `seq` with what a CAS compares with.
     async fn message_raw(
         &self,
         conversation: ConversationId,
         seq: u64,
-    ) -> Result<Option<(Message, Option<String>)>> {
+    ) -> Result<Option<(Message, MessageMeta)>> {
         let row: Option<MessageRow> = self
             .first(
                 &self.inner.st.msg_get,
@@ -1515,10 +1576,50 @@ impl ScyllaStore {
             )
             .await?;
         row.map(|r| {
-            let raw = r.reactions.clone();
-            r.into_message(conversation).map(|m| (m, raw))
+            let meta = MessageMeta {
+                rev: r.rev,
+                unclaimed: r.rev.unwrap_or(0) > r.claimed_rev.unwrap_or(0),
+            };
+            r.into_message(conversation).map(|m| (m, meta))
         })
         .transpose()
+    }
+
+    /// Claims a position for the message at `seq` after a change of it, then reads it back
+    /// (the message as of the position: it includes every change below it, e.g. a reaction
+    /// that raced this edit but was claimed first) and records the rev the position covers.
+    async fn claim_message(
+        &self,
+        conversation: ConversationId,
+        hint: u64,
+        id: MessageId,
+        seq: u64,
+        fallback: Message,
+    ) -> Result<(u64, Message)> {
+        let position = self
+            .claim(conversation, Some(hint), &message_item(seq))
+            .await?;
+        let Some((message, meta)) = self
+            .message_raw(conversation, seq)
+            .await?
+            .filter(|(m, _)| m.message_id == id)
+        else {
+            return Ok((position, fallback));
+        };
+        if let Some(rev) = meta.rev {
+            self.exec(
+                &self.inner.st.msg_claimed,
+                (
+                    rev,
+                    rev,
+                    i64_of(conversation.get())?,
+                    i64_of(self.bucket_of(seq))?,
+                    i64_of(seq)?,
+                ),
+            )
+            .await?;
+        }
+        Ok((position, message))
     }
 
     /// Runs `query(chunk)` for chunks of `keys` of [`IN_CHUNK`], concurrently; all the rows.
@@ -1728,10 +1829,10 @@ impl MessageStore for ScyllaStore {
             let seq: Option<(i64,)> = self.first(&st.id_get, (cid, i64_of(id.get())?)).await?;
             let seq = u64_of(seq.ok_or_else(not_found)?.0)?;
             for _ in 0..CAS_ATTEMPTS {
-                let current = self
-                    .message_at(conversation, seq)
+                let (current, meta) = self
+                    .message_raw(conversation, seq)
                     .await?
-                    .filter(|m| m.message_id == id)
+                    .filter(|(m, _)| m.message_id == id)
                     .ok_or_else(not_found)?;
                 if &current.sender_id != by {
                     return Err(Error::forbidden("only the sender may change a message"));
@@ -1739,11 +1840,17 @@ impl MessageStore for ScyllaStore {
                 let mut changed = current.clone();
                 if let Err(e) = change.apply(&mut changed, now) {
                     if current.deleted {
-                        // Finish the index writes of a delete that crashed half-way.
+                        // Finish the index writes of a delete that crashed half-way, and
+                        // its position (a retried delete is the caller's way to finish it).
                         self.mark_deleted(cid, &current).await?;
+                        if meta.unclaimed {
+                            self.claim_message(conversation, row.head, id, seq, current)
+                                .await?;
+                        }
                     }
                     return Err(e);
                 }
+                let rev = meta.rev.unwrap_or(0).saturating_add(1);
                 // A delete also clears the reactions (in the same CAS); an edit leaves them.
                 let statement = if changed.deleted {
                     &st.msg_tombstone
@@ -1759,10 +1866,12 @@ impl MessageStore for ScyllaStore {
                             changed.edited_at.map(i64_of).transpose()?,
                             changed.deleted,
                             i64::from(changed.version),
+                            rev,
                             cid,
                             i64_of(self.bucket_of(seq))?,
                             i64_of(seq)?,
                             i64::from(current.version),
+                            meta.rev,
                         ),
                     )
                     .await?,
@@ -1771,16 +1880,9 @@ impl MessageStore for ScyllaStore {
                     if changed.deleted {
                         self.mark_deleted(cid, &changed).await?;
                     }
-                    let position = self
-                        .claim(conversation, Some(row.head), &message_item(seq))
+                    let (position, message) = self
+                        .claim_message(conversation, row.head, id, seq, changed)
                         .await?;
-                    // The message as of the position (it includes every change below it,
-                    // e.g. a reaction that raced this edit but was claimed first).
-                    let message = self
-                        .message_at(conversation, seq)
-                        .await?
-                        .filter(|m| m.message_id == id)
-                        .unwrap_or(changed);
                     return Ok(MessageUpdate {
                         message,
                         position: Some(position),
@@ -1956,44 +2058,51 @@ impl MessageStore for ScyllaStore {
                 || Error::not_found(format!("message {id} in conversation {conversation}"));
             let seq = u64_of(seq.ok_or_else(not_found)?.0)?;
             for _ in 0..CAS_ATTEMPTS {
-                let (current, raw) = self
+                let (current, meta) = self
                     .message_raw(conversation, seq)
                     .await?
                     .filter(|(m, _)| m.message_id == id)
                     .ok_or_else(not_found)?;
                 let mut changed = current.clone();
                 if !apply_reaction(&mut changed, user, key)? {
+                    if meta.unclaimed {
+                        // The same reaction again, retried after a writer stored it (or
+                        // another change) but crashed before its position: claim it now.
+                        let (position, message) = self
+                            .claim_message(conversation, row.head, id, seq, current)
+                            .await?;
+                        return Ok(MessageUpdate {
+                            message,
+                            position: Some(position),
+                        });
+                    }
                     return Ok(MessageUpdate {
                         message: current,
                         position: None,
                     });
                 }
-                // CAS on the version (a delete bumps it and clears the reactions) and on the
-                // reactions as read: one user's change never overwrites another's, and the
-                // key limit holds.
+                // CAS on the rev (every edit, delete and reaction bumps it; a delete also
+                // clears the reactions): one user's change never overwrites another's, and
+                // the key limit holds.
                 let lwt = Lwt::parse(
                     self.exec(
                         &st.msg_react,
                         (
                             reactions_json(&changed.reactions)?,
+                            meta.rev.unwrap_or(0).saturating_add(1),
                             cid,
                             i64_of(self.bucket_of(seq))?,
                             i64_of(seq)?,
                             i64::from(current.version),
-                            raw,
+                            meta.rev,
                         ),
                     )
                     .await?,
                 )?;
                 if lwt.applied {
-                    let position = self
-                        .claim(conversation, Some(row.head), &message_item(seq))
+                    let (position, message) = self
+                        .claim_message(conversation, row.head, id, seq, changed)
                         .await?;
-                    let message = self
-                        .message_at(conversation, seq)
-                        .await?
-                        .filter(|m| m.message_id == id)
-                        .unwrap_or(changed);
                     return Ok(MessageUpdate {
                         message,
                         position: Some(position),
@@ -2144,10 +2253,10 @@ impl MessageStore for ScyllaStore {
             let st = &self.inner.st;
             let row = self.existing(conversation).await?;
             let cid = i64_of(conversation.get())?;
-            let (member, last, (read, delivered)) = tokio::try_join!(
+            let (member, last, (read, delivered, claimed)) = tokio::try_join!(
                 self.first::<(String, i64)>(&st.member_get, (cid, user.as_str())),
                 self.probe_last(conversation, Some(row.last_seq)),
-                self.marker_row(cid, user),
+                self.marker_state(cid, user),
             )?;
             if member.is_none() {
                 return Err(Error::NotMember(conversation));
@@ -2158,6 +2267,21 @@ impl MessageStore for ScyllaStore {
                 ReceiptKind::Delivered => delivered,
             };
             if target <= current {
+                if read.saturating_add(delivered) > claimed {
+                    // A move is stored without a position (its writer crashed before the
+                    // claim, or is just between the two): this call, typically the retry of
+                    // that receipt, finishes it, and reports the move it makes visible.
+                    let (position, read, delivered) =
+                        self.claim_markers(conversation, row.head, user).await?;
+                    return Ok(MarkerUpdate {
+                        seq: match kind {
+                            ReceiptKind::Read => read,
+                            ReceiptKind::Delivered => delivered,
+                        },
+                        moved: true,
+                        position: Some(position),
+                    });
+                }
                 return Ok(MarkerUpdate {
                     seq: current,
                     moved: false,
@@ -2176,12 +2300,8 @@ impl MessageStore for ScyllaStore {
                         .await?
                 }
             };
-            let position = self
-                .claim(conversation, Some(row.head), &markers_item(user))
-                .await?;
-            // The marker as of the position (max-wins: a concurrent higher receipt may be
-            // there already).
-            let (read, delivered) = self.marker_row(cid, user).await?;
+            let (position, read, delivered) =
+                self.claim_markers(conversation, row.head, user).await?;
             let now = match kind {
                 ReceiptKind::Read => read,
                 ReceiptKind::Delivered => delivered,

@@ -90,6 +90,15 @@ const MIGRATIONS: &[&[Step]] = &[
         // A message's reactions: JSON of `Vec<Reaction>`, null when none; written only by
         // conditional updates (`IF version = ? AND reactions = ?`).
         AddColumn("messages", "reactions", "text"),
+        // `rev`: bumped by every change of a stored message (edit, delete, reaction; the CAS
+        // conditions on it). `claimed_rev`: the highest rev a position was claimed after,
+        // written `USING TIMESTAMP <rev>` (max-wins); `rev > claimed_rev` means a change
+        // whose writer crashed before its claim, repaired by the next call that finds it.
+        AddColumn("messages", "rev", "bigint"),
+        AddColumn("messages", "claimed_rev", "bigint"),
+        // read_seq + delivered_seq as of the latest claimed marker position, written
+        // `USING TIMESTAMP <sum>` (max-wins); below the sum: a move without a position.
+        AddColumn("markers", "claimed_sum", "bigint"),
         // The change log: one row per position, `item` = what changed there (`m:<seq>`,
         // `k:<user>` markers, `j:<user>` membership); rows written by `IF NOT EXISTS` at
         // head + 1 only. bucket = position / (8 × the messages' bucket size).
