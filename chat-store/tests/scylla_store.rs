@@ -903,3 +903,86 @@ async fn cql_lwt_cost_per_operation() {
         ]
     );
 }
+
+/// A keyspace of schema version 1 (before the change stream) is migrated to the current
+/// version on open, and its conversations get a stream: an epoch made once (by LWT, the same
+/// from every store), positions from 1, reactions on messages stored before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_schema_v1_keyspace_is_migrated_and_old_conversations_get_a_stream() {
+    let ks = format!("{}_v1", keyspace());
+    let opts = || ScyllaStoreOptions::new(ks.clone()).with_bucket_size(TEST_BUCKET);
+    let fx = Fixture::new();
+    let (conv, users, old) = {
+        let store = ScyllaStore::connect_with(&contact_points(), opts())
+            .await
+            .unwrap();
+        let (conv, users) = fx.group(&store, 2).await;
+        let old = fx.send(&store, conv.id, &users[0], "from v1").await;
+        (conv, users, old)
+    };
+    // Back to version 1: what the change stream added is gone.
+    let raw = raw_session().await;
+    for ddl in [
+        "DROP TABLE {ks}.changes",
+        "DROP TABLE {ks}.change_latest",
+        "ALTER TABLE {ks}.conversations DROP epoch",
+        "ALTER TABLE {ks}.conversations DROP head",
+        "ALTER TABLE {ks}.messages DROP reactions",
+        "ALTER TABLE {ks}.messages DROP rev",
+        "ALTER TABLE {ks}.messages DROP claimed_rev",
+        "ALTER TABLE {ks}.markers DROP claimed_sum",
+        "UPDATE {ks}.schema_version SET version = 1 WHERE id = 'schema'",
+    ] {
+        raw.query_unpaged(ddl.replace("{ks}", &ks), ())
+            .await
+            .unwrap();
+    }
+    let store = ScyllaStore::connect_with(&contact_points(), opts())
+        .await
+        .unwrap();
+    let other = ScyllaStore::connect_with(&contact_points(), opts())
+        .await
+        .unwrap();
+    let version = raw
+        .query_unpaged(
+            format!("SELECT version FROM {ks}.schema_version WHERE id = 'schema'"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(i32,)>()
+        .unwrap();
+    assert_eq!(version.0, chat_store::SCHEMA_VERSION);
+    let s = store.stream(conv.id).await.unwrap().unwrap();
+    assert_ne!(s.epoch, 0);
+    assert_eq!(s.position, 0);
+    assert_eq!(
+        other.stream(conv.id).await.unwrap().unwrap(),
+        s,
+        "one epoch"
+    );
+    let r = store
+        .react(conv.id, old.message_id, &users[1], Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(r.position, Some(1));
+    let m = fx.send(&store, conv.id, &users[1], "from v2").await;
+    let page = other.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.epoch, s.epoch);
+    assert_eq!(page.stream.position, 2);
+    assert_eq!(page.changes.len(), 2, "{page:?}");
+    assert!(matches!(
+        &page.changes[0],
+        chat_core::model::Change::Message { position: 1, message } if message.message_id == old.message_id
+            && message.reactions.len() == 1
+    ));
+    assert!(matches!(
+        &page.changes[1],
+        chat_core::model::Change::Message { message, .. } if message.message_id == m.message_id
+    ));
+    raw.query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await
+        .unwrap();
+}
