@@ -597,8 +597,22 @@ struct Claim {
 }
 
 /// A [`MessageStore`] on ScyllaDB or Apache Cassandra, shared by every node of a cluster of
-/// chat servers. See the crate docs for the schema, the append protocol and what was verified
-/// where.
+/// chat servers. See the crate docs for the schema, the append protocol, the change stream and
+/// what was verified where.
+///
+/// It keeps a change stream ([`MessageStore::stream`] is `Some`): every change is applied
+/// first, then takes the conversation's next position by a conditional insert at head + 1
+/// (gap-free across nodes), and reactions live on the message row, changed by CAS.
+///
+/// Cost in lightweight transactions (Paxos rounds), uncontended, as measured by
+/// [`ScyllaStore::lwt_count`]: a new message 3, a retried one 1, a receipt that moves a marker
+/// 1, a reaction 2, an edit or delete 2, a join or a leave 2, a creation 1 (+1 for the direct
+/// pair); changes that change nothing 0.
+///
+/// Crash windows that remain (an effect stored whose writer crashed before its position): a
+/// join or leave has no position until that user's membership changes again; any other change
+/// gets it from the retry of the same call (a duplicate append, the same reaction or receipt
+/// again, a second delete) or from the item's next change. Details in the crate docs.
 ///
 /// Cloning is cheap (one shared session).
 #[derive(Clone)]
