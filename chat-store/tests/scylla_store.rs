@@ -13,9 +13,11 @@
 //! * The whole `MessageStore` conformance suite, all cases in one keyspace created for this
 //!   test process (random name; the cases use random ids), with 16 seqs per bucket so every
 //!   case crosses partition boundaries.
-//! * CQL-specific cases: two stores ("nodes") appending to one conversation, the crash windows
-//!   of the append protocol (rows left as a crashed node would leave them, then a retry), the
-//!   versioned schema, and an unreachable node.
+//! * The change-stream conformance suite (positions, replays, reactions, epochs), same keyspace.
+//! * CQL-specific cases: two stores ("nodes") appending to one conversation and taking stream
+//!   positions in it, the crash windows of the append protocol and of the change stream (rows
+//!   left as a crashed node would leave them, then a retry), the LWT cost per operation, the
+//!   versioned schema (and the migration of a version-1 keyspace), and an unreachable node.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, OnceLock};
