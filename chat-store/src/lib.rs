@@ -160,16 +160,18 @@
 //!
 //! | table | primary key | content |
 //! |---|---|---|
-//! | `messages` | `((conversation_id, bucket), seq)`, `seq DESC` | the timeline: every field of a message; written by `INSERT … IF NOT EXISTS`, edits and deletes by `UPDATE … IF version = ?` |
+//! | `messages` | `((conversation_id, bucket), seq)`, `seq DESC` | the timeline: every field of a message, its `reactions` (JSON) and `rev`/`claimed_rev` (change stream); written by `INSERT … IF NOT EXISTS`, edits, deletes and reactions by `UPDATE … IF version = ? AND rev = ?` |
 //! | `idempotency` | `((conversation_id, sender_id, client_msg_id))` | the claim of a send: `message_id`, the `seq` it is written at, and its content |
 //! | `message_ids` | `((conversation_id, message_id))` | → `seq` (lookups by id) |
-//! | `conversations` | `(id)` | kind, name, created_at, direct pair; `last_seq`, `last_activity` |
+//! | `conversations` | `(id)` | kind, name, created_at, direct pair; `last_seq`, `last_activity`; the stream's `epoch` and `head` hint |
 //! | `members` | `(conversation_id, user_id)` | role, joined_at |
-//! | `markers` | `(conversation_id, user_id)` | `read_seq`, `delivered_seq` |
+//! | `markers` | `(conversation_id, user_id)` | `read_seq`, `delivered_seq`, `claimed_sum` (change stream) |
 //! | `user_conversations` | `(user_id, conversation_id)` | the user's conversations |
 //! | `direct_pairs` | `(pair_key)` | the direct conversation of a pair (`chat_core::model::direct_key`), claimed by LWT |
 //! | `sent` | `((conversation_id, sender_id), seq)` | seqs of the sender's undeleted messages (unread counts) |
 //! | `deleted` | `(conversation_id, seq)` | seqs of deleted messages (unread counts) |
+//! | `changes` | `((conversation_id, bucket), position)` | the change stream: what changed at each position (`m:<seq>`, `k:<user>` markers, `j:<user>` membership); written by `INSERT … IF NOT EXISTS` |
+//! | `change_latest` | `(conversation_id, item)` | → the position of the item's latest change (max-wins) |
 //!
 //! **Buckets.** `bucket = (seq - 1) / bucket_size`, [`DEFAULT_BUCKET_SIZE`] = 512 seqs per
 //! partition, so the partition of any seq is computable without a lookup, and a partition holds
@@ -227,10 +229,90 @@
 //! writes in a 500-member group as in a direct chat (one conversation row, no per-member
 //! write), and a list page costs one read per conversation of the user plus a view per item.
 //!
-//! Costs of `append` (no contention): 2 LWTs (claim, message row) + 2 single-row reads + 3 plain
+//! **Change stream and reactions** (schema version 2): see below. Costs of `append` (no
+//! contention): 3 LWTs (claim, message row, stream position) + 2 single-row reads + 5 plain
 //! writes. Reads are at [`ScyllaStoreOptions::consistency`] (`LOCAL_QUORUM`), LWTs at
 //! [`ScyllaStoreOptions::serial_consistency`] (`LOCAL_SERIAL`); every statement is prepared, the
 //! driver routes token-aware, timelines are read with paging.
+//!
+//! ## ScyllaDB / Cassandra: the change stream
+//!
+//! Every change a client renders takes the conversation's next position (the trait's "change
+//! stream", `chat_core::store`): a new message, an edit, a delete, a reaction set or removed,
+//! a receipt that moved a marker, a join, a leave (also a direct member restored by
+//! `create_conversation`). The order is **effect first, then the position**:
+//!
+//! 1. The change itself, as before (the message's conditional insert, the edit's CAS, the
+//!    marker's max-wins write, the member's LWT, the reaction's CAS).
+//! 2. *Claim*: `INSERT INTO changes (…, position, item) … IF NOT EXISTS` at `head + 1`, where
+//!    `head` is a position known to exist: the last one this node claimed or saw in this
+//!    conversation (claims are serialized per conversation in-process, with that cache, so an
+//!    uncontended claim needs no read), else the maximum of the `changes` partitions from the
+//!    `conversations.head` hint on. Taken (another node) → the taken position exists, so probe
+//!    from it and try above; after `max(append_attempts, 16)` attempts `Error::Conflict`.
+//! 3. `change_latest[item] = position` and the `head` hint, both `USING TIMESTAMP <position>`
+//!    (max-wins, no read). For a message, it is read back (the state as of the position: it
+//!    includes every change below it, even one that raced it) and `claimed_rev` is set to its
+//!    `rev` (max-wins); for markers, `claimed_sum = read + delivered` as read back.
+//!
+//! **Why gap-free, across nodes**: a position is only ever inserted right above one that
+//! exists, by a conditional insert, so positions appear in order, each once, with no holes,
+//! and there is no counter to leave behind. **Why a reader never sees a position before its
+//! effect**: the position is claimed after the effect is stored. `stream()` is the epoch plus
+//! the probed head; `changes_after(after, limit)` reads the positions `(after, min(after +
+//! limit, head)]` (exactly that many rows: no holes), keeps an entry only if
+//! `change_latest[item]` is not above it (the item's later entry comes later) and, within the
+//! page, the highest entry of each item, then resolves the page in batches (`IN` queries: the
+//! messages of each bucket, the members, the markers): the current message with its
+//! reactions, the member's markers (skipped once they left), whether the user is a member.
+//! `next` is `after + limit` while that is below the head.
+//!
+//! **Buckets** of `changes`: `position / (8 × bucket_size)` = 4,096 positions per partition by
+//! default. A change row is ~50 bytes, so a partition stays under ~0.5 MiB; a conversation
+//! takes a few positions per message (the message, receipts, reactions), so 8× the messages'
+//! bucket keeps the number of partitions of the two tables of the same order, and a typical
+//! catch-up reads one or two.
+//!
+//! **Epoch**: random (`StreamPosition::new_epoch`), written at creation by `UPDATE … IF epoch =
+//! null` before the conversation row becomes visible (a node finishing a crashed creation keeps
+//! the first epoch). A conversation from schema version 1 gets one the same way on its first
+//! `stream`/`changes_after`; its positions then start at 1.
+//!
+//! **Reactions** are a JSON column of the message row (`Vec<Reaction>`, null when none),
+//! changed by `UPDATE … SET reactions = ?, rev = <rev + 1> … IF version = ? AND rev = <rev>` after
+//! `chat_core::model::apply_reaction` on the row as read: atomic per message, so one user's
+//! reaction never overwrites another's and the 32-key limit holds; a delete clears them in its
+//! own CAS; an edit keeps them. Every read path gets them with the row (no extra query).
+//! Concurrent reactions to one message are serialized by that CAS (16 attempts, then
+//! `Conflict`, which is transient).
+//!
+//! **Crash windows** (an effect stored, its position not claimed): a retried `append` whose
+//! original has no `change_latest` entry claims the position and returns it (`duplicate`,
+//! `position: Some`); a message whose `rev` is above its `claimed_rev` (a crashed edit, delete
+//! or reaction) gets its position from the next `react` or delete that changes nothing (the
+//! retry of that call), and any later change of it covers it too; a marker whose `read +
+//! delivered` is above `claimed_sum` gets its position from the next receipt that does not
+//! move it (reported as `moved: true`). **Remaining**: a crashed join or leave has no position
+//! until that user's membership changes again (a retried `add_members`/`remove_member` finds
+//! nothing to do and cannot tell a crashed call from a finished one without a column on a row
+//! that a leave deletes); clients that missed it see the member list when they next load the
+//! conversation. And a change whose retry never comes has no position until its item changes again:
+//! a client that was online got the live event; one that was offline misses it in `sync`
+//! (acceptable for receipts and reactions, the cost of not paying a second LWT per change).
+//! Also: two nodes doing the same no-op retry at once, or a no-op racing a change between its
+//! two steps, may claim one extra position for the same item (never a hole or a duplicate);
+//! a reader between a claim and its `change_latest` write may get an item on two pages (its
+//! current state both times). Members from schema version 1 take one extra marker position on
+//! their first receipt that does not move a marker.
+//!
+//! **Cost in LWTs** (Paxos rounds; uncontended, measured by `ScyllaStore::lwt_count` in
+//! `tests/scylla_store.rs`): a new message 3 (was 2), a retried one 1, a receipt that moves a
+//! marker 1 (was 0), one that does not 0, a reaction 2, the same reaction again 0, an edit or
+//! delete 2 (was 1), a join 2 (was 1) per user, a leave 2 (was 1), a conversation's creation 1
+//! more (the epoch). Each change also writes 2–3 small plain rows (`change_latest`, the head
+//! hint, `claimed_rev`/`claimed_sum`) and reads its row back once. The log is not compacted: a
+//! replay from position P reads every change after P (one ~50-byte row each), even of items
+//! that changed again later.
 //!
 //! ## ScyllaDB / Cassandra: availability and errors
 //!

@@ -13,9 +13,11 @@
 //! * The whole `MessageStore` conformance suite, all cases in one keyspace created for this
 //!   test process (random name; the cases use random ids), with 16 seqs per bucket so every
 //!   case crosses partition boundaries.
-//! * CQL-specific cases: two stores ("nodes") appending to one conversation, the crash windows
-//!   of the append protocol (rows left as a crashed node would leave them, then a retry), the
-//!   versioned schema, and an unreachable node.
+//! * The change-stream conformance suite (positions, replays, reactions, epochs), same keyspace.
+//! * CQL-specific cases: two stores ("nodes") appending to one conversation and taking stream
+//!   positions in it, the crash windows of the append protocol and of the change stream (rows
+//!   left as a crashed node would leave them, then a retry), the LWT cost per operation, the
+//!   versioned schema (and the migration of a version-1 keyspace), and an unreachable node.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, OnceLock};
@@ -70,6 +72,20 @@ async fn raw_session() -> Session {
 mod cql {
     use super::*;
     chat_core::store_conformance_tests!(scylla_test_store);
+    chat_core::change_stream_conformance_tests!(scylla_test_store);
+}
+
+/// Two stores ("nodes") on one keyspace change one conversation at once (appends, reactions,
+/// receipts): their position claims collide and are retried, and the positions are still
+/// exactly 1..=N with one head seen from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cql_two_nodes_positions_gap_free() {
+    chat_core::testing::stream::two_nodes_positions_gap_free(
+        Arc::new(open().await),
+        Arc::new(open().await),
+        15,
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------- CQL-specific cases
@@ -254,6 +270,25 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
     assert!(a.duplicate);
     assert_eq!(a.message, crashed.clone().into_message(1));
     assert_eq!(
+        a.position,
+        Some(1),
+        "the crashed node claimed no position: the retry claims it"
+    );
+    let page = store.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.position, 1);
+    assert_eq!(
+        page.changes,
+        vec![chat_core::model::Change::Message {
+            position: 1,
+            message: a.message.clone()
+        }]
+    );
+    let again = store
+        .append(fx.new_message(conv.id, &users[0], "k", "retry 2"))
+        .await
+        .unwrap();
+    assert_eq!(again.position, None, "it has its position now");
+    assert_eq!(
         store.message(conv.id, crashed.message_id).await.unwrap(),
         Some(a.message.clone())
     );
@@ -262,6 +297,94 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
     assert_eq!(store.unread(conv.id, &users[0]).await.unwrap(), 0);
     assert_eq!(store.unread(conv.id, &users[1]).await.unwrap(), 1);
     assert_eq!(fx.send(&store, conv.id, &users[1], "next").await.seq, 2);
+}
+
+/// Crash after a change's effect, before its position: a reaction (or an edit) stored with
+/// no position, a marker moved with no position. The retry of the same call changes nothing
+/// but finishes the position, so clients replaying the stream see the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_retry_claims_the_position_of_a_crashed_reaction_and_receipt() {
+    use chat_core::model::{Change, Reaction, ReceiptKind};
+    let store = open().await;
+    let raw = raw_session().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let m = fx.send(&store, conv.id, a, "react to me").await; // position 1
+    // What a crashed `react` leaves: the CAS applied (reactions, rev), no claim.
+    let reactions = vec![Reaction {
+        key: "👍".into(),
+        users: vec![b.clone()],
+    }];
+    raw.query_unpaged(
+        format!(
+            "UPDATE {} SET reactions = ?, rev = 1 WHERE conversation_id = ? AND bucket = 0 \
+             AND seq = 1",
+            ks_table("messages")
+        ),
+        (
+            serde_json::to_string(&reactions).unwrap(),
+            conv.id.get() as i64,
+        ),
+    )
+    .await
+    .unwrap();
+    // What a crashed read receipt leaves: the markers moved (max-wins), no claim.
+    raw.query_unpaged(
+        format!(
+            "UPDATE {} USING TIMESTAMP 1 SET read_seq = 1, delivered_seq = 1 \
+             WHERE conversation_id = ? AND user_id = ?",
+            ks_table("markers")
+        ),
+        (conv.id.get() as i64, b.as_str()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.stream(conv.id).await.unwrap().unwrap().position, 1);
+
+    let r = store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.position,
+        Some(2),
+        "the retried reaction claims the position"
+    );
+    assert_eq!(r.message.reactions, reactions);
+    let k = store
+        .set_marker(conv.id, b, ReceiptKind::Read, 1)
+        .await
+        .unwrap();
+    assert_eq!((k.seq, k.moved, k.position), (1, true, Some(3)));
+    // Finished: the same calls again are no-ops.
+    let r = store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(r.position, None);
+    let k = store
+        .set_marker(conv.id, b, ReceiptKind::Read, 1)
+        .await
+        .unwrap();
+    assert_eq!((k.moved, k.position), (false, None));
+    let page = store.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.position, 3);
+    assert_eq!(
+        page.changes,
+        vec![
+            Change::Message {
+                position: 2,
+                message: r.message.clone()
+            },
+            Change::Markers {
+                position: 3,
+                user_id: b.clone(),
+                delivered: 1,
+                read: 1
+            },
+        ]
+    );
 }
 
 /// The schema is versioned and created once: a second store on the keyspace migrates nothing,
@@ -700,4 +823,168 @@ async fn cql_an_unavailable_answer_is_a_transient_error_and_stores_nothing() {
     assert_eq!((stored.message.seq, stored.duplicate), (1, false));
     assert!(store.append(message).await.unwrap().duplicate);
     assert_eq!(store.history(conv.id, None, 10).await.unwrap().len(), 1);
+}
+
+/// What the operations cost in lightweight transactions (Paxos rounds), uncontended, measured
+/// with `ScyllaStore::lwt_count` (the numbers of the crate docs): a new message 3 (idempotency
+/// claim, message row, position), a retried one 1, a receipt that moves a marker 1 (its
+/// position), one that does not 0, a reaction 2 (CAS, position), the same reaction again 0, an
+/// edit 2, a join 2, a leave 2.
+#[tokio::test]
+async fn cql_lwt_cost_per_operation() {
+    use chat_core::model::{MessageChange, ReceiptKind};
+    let store = open().await;
+    let fx = Fixture::new();
+    let (conv, users) = fx.group(&store, 2).await;
+    let (a, b) = (&users[0], &users[1]);
+    let mut costs = Vec::new();
+    let mut last = store.lwt_count();
+    let mut note = |what: &'static str, store: &ScyllaStore| {
+        let now = store.lwt_count();
+        costs.push((what, now - last));
+        last = now;
+    };
+    let new = fx.new_message(conv.id, a, "lwt-cost", "hi");
+    let m = store.append(new.clone()).await.unwrap().message;
+    note("append", &store);
+    let retry = store
+        .append(NewMessage {
+            message_id: fx.message_id(),
+            ..new
+        })
+        .await
+        .unwrap();
+    assert!(retry.duplicate && retry.position.is_none());
+    note("append retried", &store);
+    store
+        .set_marker(conv.id, b, ReceiptKind::Read, m.seq)
+        .await
+        .unwrap();
+    note("receipt", &store);
+    store
+        .set_marker(conv.id, b, ReceiptKind::Read, m.seq)
+        .await
+        .unwrap();
+    note("receipt, no move", &store);
+    store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    note("reaction", &store);
+    store
+        .react(conv.id, m.message_id, b, Some("👍"))
+        .await
+        .unwrap();
+    note("reaction again", &store);
+    let edit = MessageChange::Edit {
+        content: "hi!".into(),
+    };
+    store
+        .change_message(conv.id, m.message_id, a, edit, 2)
+        .await
+        .unwrap();
+    note("edit", &store);
+    let c = fx.user("c");
+    store.add_members(conv.id, &[c.clone()], 3).await.unwrap();
+    note("join", &store);
+    store.remove_member(conv.id, &c).await.unwrap();
+    note("leave", &store);
+    eprintln!("LWTs per operation: {costs:?}");
+    assert_eq!(
+        costs,
+        vec![
+            ("append", 3),
+            ("append retried", 1),
+            ("receipt", 1),
+            ("receipt, no move", 0),
+            ("reaction", 2),
+            ("reaction again", 0),
+            ("edit", 2),
+            ("join", 2),
+            ("leave", 2),
+        ]
+    );
+}
+
+/// A keyspace of schema version 1 (before the change stream) is migrated to the current
+/// version on open, and its conversations get a stream: an epoch made once (by LWT, the same
+/// from every store), positions from 1, reactions on messages stored before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_schema_v1_keyspace_is_migrated_and_old_conversations_get_a_stream() {
+    let ks = format!("{}_v1", keyspace());
+    let opts = || ScyllaStoreOptions::new(ks.clone()).with_bucket_size(TEST_BUCKET);
+    let fx = Fixture::new();
+    let (conv, users, old) = {
+        let store = ScyllaStore::connect_with(&contact_points(), opts())
+            .await
+            .unwrap();
+        let (conv, users) = fx.group(&store, 2).await;
+        let old = fx.send(&store, conv.id, &users[0], "from v1").await;
+        (conv, users, old)
+    };
+    // Back to version 1: what the change stream added is gone.
+    let raw = raw_session().await;
+    for ddl in [
+        "DROP TABLE {ks}.changes",
+        "DROP TABLE {ks}.change_latest",
+        "ALTER TABLE {ks}.conversations DROP epoch",
+        "ALTER TABLE {ks}.conversations DROP head",
+        "ALTER TABLE {ks}.messages DROP reactions",
+        "ALTER TABLE {ks}.messages DROP rev",
+        "ALTER TABLE {ks}.messages DROP claimed_rev",
+        "ALTER TABLE {ks}.markers DROP claimed_sum",
+        "UPDATE {ks}.schema_version SET version = 1 WHERE id = 'schema'",
+    ] {
+        raw.query_unpaged(ddl.replace("{ks}", &ks), ())
+            .await
+            .unwrap();
+    }
+    let store = ScyllaStore::connect_with(&contact_points(), opts())
+        .await
+        .unwrap();
+    let other = ScyllaStore::connect_with(&contact_points(), opts())
+        .await
+        .unwrap();
+    let version = raw
+        .query_unpaged(
+            format!("SELECT version FROM {ks}.schema_version WHERE id = 'schema'"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(i32,)>()
+        .unwrap();
+    assert_eq!(version.0, chat_store::SCHEMA_VERSION);
+    let s = store.stream(conv.id).await.unwrap().unwrap();
+    assert_ne!(s.epoch, 0);
+    assert_eq!(s.position, 0);
+    assert_eq!(
+        other.stream(conv.id).await.unwrap().unwrap(),
+        s,
+        "one epoch"
+    );
+    let r = store
+        .react(conv.id, old.message_id, &users[1], Some("👍"))
+        .await
+        .unwrap();
+    assert_eq!(r.position, Some(1));
+    let m = fx.send(&store, conv.id, &users[1], "from v2").await;
+    let page = other.changes_after(conv.id, 0, 10).await.unwrap().unwrap();
+    assert_eq!(page.stream.epoch, s.epoch);
+    assert_eq!(page.stream.position, 2);
+    assert_eq!(page.changes.len(), 2, "{page:?}");
+    assert!(matches!(
+        &page.changes[0],
+        chat_core::model::Change::Message { position: 1, message } if message.message_id == old.message_id
+            && message.reactions.len() == 1
+    ));
+    assert!(matches!(
+        &page.changes[1],
+        chat_core::model::Change::Message { message, .. } if message.message_id == m.message_id
+    ));
+    raw.query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await
+        .unwrap();
 }

@@ -9,13 +9,14 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chat_core::id::{ConversationId, MessageId, UserId};
 use chat_core::model::{
-    ChangePage, Conversation, ConversationKind, ConversationView, Media, Member, Message,
-    MessageChange, NewConversation, NewMessage, Page, ReceiptKind, Role, StreamPosition,
-    direct_key,
+    Change, ChangePage, Conversation, ConversationKind, ConversationView, Media, Member, Message,
+    MessageChange, NewConversation, NewMessage, Page, Reaction, ReceiptKind, Role, StreamPosition,
+    apply_reaction, direct_key,
 };
 use chat_core::store::{Appended, MarkerUpdate, MembershipUpdate, MessageStore, MessageUpdate};
 use chat_core::{Error, Result};
@@ -52,6 +53,67 @@ const PAGE_SIZE: i32 = 1000;
 
 /// Concurrent requests of one `list_conversations` call.
 const LIST_CONCURRENCY: usize = 16;
+
+/// Positions per `changes` partition, as a multiple of the messages' bucket size (so it is
+/// fixed per keyspace by the stored bucket size): 8 × 512 = 4,096 positions by default. A
+/// change row is ~50 bytes (a position and a short item name), so a partition stays under
+/// ~0.5 MiB, while a replay of a typical offline gap (a few hundred changes) reads one or two
+/// partitions. A conversation takes several positions per message (the message, receipts,
+/// reactions), so change partitions fill a few times faster than message partitions; 8×
+/// keeps their number per conversation of the same order.
+const CHANGE_BUCKET_FACTOR: u64 = 8;
+
+/// Keys per `IN (…)` of a replay's batched reads.
+const IN_CHUNK: usize = 100;
+
+/// The change-stream item of the message at `seq`.
+fn message_item(seq: u64) -> String {
+    format!("m:{seq}")
+}
+
+/// The change-stream item of a member's markers.
+fn markers_item(user: &UserId) -> String {
+    format!("k:{user}")
+}
+
+/// The change-stream item of a user's membership.
+fn membership_item(user: &UserId) -> String {
+    format!("j:{user}")
+}
+
+/// What a change-stream item names.
+enum Item {
+    Message(u64),
+    Markers(UserId),
+    Membership(UserId),
+}
+
+impl Item {
+    fn parse(s: &str) -> Option<Self> {
+        if let Some(seq) = s.strip_prefix("m:") {
+            return seq.parse().ok().map(Self::Message);
+        }
+        if let Some(user) = s.strip_prefix("k:") {
+            return Some(Self::Markers(UserId::from(user)));
+        }
+        s.strip_prefix("j:")
+            .map(|user| Self::Membership(UserId::from(user)))
+    }
+}
+
+fn reactions_json(reactions: &[Reaction]) -> Result<Option<String>> {
+    if reactions.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(reactions).map(Some).map_err(internal)
+}
+
+fn reactions_parse(s: Option<&str>) -> Result<Vec<Reaction>> {
+    match s {
+        None | Some("") => Ok(Vec::new()),
+        Some(s) => serde_json::from_str(s).map_err(internal),
+    }
+}
 
 fn internal(e: impl fmt::Display) -> Error {
     Error::internal(format!("{BACKEND}: {e}"))
@@ -131,6 +193,18 @@ struct MessageRow {
     edited_at: Option<i64>,
     deleted: Option<bool>,
     version: i64,
+    reactions: Option<String>,
+    rev: Option<i64>,
+    claimed_rev: Option<i64>,
+}
+
+/// What a CAS on a message row compares with, and whether its latest change has a position.
+struct MessageMeta {
+    /// `rev` as stored (`None`: never changed since it was stored).
+    rev: Option<i64>,
+    /// Whether a change of the message is stored but no position was claimed after it (its
+    /// writer crashed, or is between the two steps).
+    unclaimed: bool,
 }
 
 impl MessageRow {
@@ -152,13 +226,14 @@ impl MessageRow {
             edited_at: self.edited_at.map(u64_of).transpose()?,
             deleted: self.deleted.unwrap_or(false),
             version: u32::try_from(self.version).map_err(internal)?,
-            reactions: Vec::new(),
+            reactions: reactions_parse(self.reactions.as_deref())?,
         })
     }
 }
 
 const MESSAGE_COLUMNS: &str = "seq, message_id, sender_id, client_msg_id, kind, content, media, \
-                               reply_to, created_at, edited_at, deleted, version";
+                               reply_to, created_at, edited_at, deleted, version, reactions, \
+                               rev, claimed_rev";
 
 /// The columns of a lightweight transaction's result, by name (`[applied]` and, when not
 /// applied, the current values; ScyllaDB and Cassandra differ in which columns they return).
@@ -238,6 +313,21 @@ struct Statements {
     sent_count: PreparedStatement,
     deleted_insert: PreparedStatement,
     deleted_count: PreparedStatement,
+    conv_epoch_lwt: PreparedStatement,
+    conv_head: PreparedStatement,
+    msg_claimed: PreparedStatement,
+    marker_claimed: PreparedStatement,
+    msg_tombstone: PreparedStatement,
+    msg_react: PreparedStatement,
+    msg_in: PreparedStatement,
+    change_claim: PreparedStatement,
+    change_max: PreparedStatement,
+    change_range: PreparedStatement,
+    latest_set: PreparedStatement,
+    latest_get: PreparedStatement,
+    latest_in: PreparedStatement,
+    members_in: PreparedStatement,
+    markers_in: PreparedStatement,
 }
 
 impl Statements {
@@ -257,8 +347,8 @@ impl Statements {
         };
         Ok(Self {
             conv_get: idempotent(format!(
-                "SELECT kind, name, created_at, pair_a, pair_b, last_seq, last_activity \
-                 FROM {ks}.conversations WHERE id = ?"
+                "SELECT kind, name, created_at, pair_a, pair_b, last_seq, last_activity, epoch, \
+                 head FROM {ks}.conversations WHERE id = ?"
             ))
             .await?,
             conv_insert: idempotent(format!(
@@ -299,7 +389,7 @@ impl Statements {
             ))
             .await?,
             marker_get: idempotent(format!(
-                "SELECT read_seq, delivered_seq FROM {ks}.markers \
+                "SELECT read_seq, delivered_seq, claimed_sum FROM {ks}.markers \
                  WHERE conversation_id = ? AND user_id = ?"
             ))
             .await?,
@@ -359,7 +449,8 @@ impl Statements {
             .await?,
             msg_update: p(format!(
                 "UPDATE {ks}.messages SET content = ?, media = ?, edited_at = ?, deleted = ?, \
-                 version = ? WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ?"
+                 version = ?, rev = ? WHERE conversation_id = ? AND bucket = ? AND seq = ? \
+                 IF version = ? AND rev = ?"
             ))
             .await?,
             id_insert: idempotent(format!(
@@ -408,6 +499,79 @@ impl Statements {
                 "SELECT COUNT(*) FROM {ks}.deleted WHERE conversation_id = ? AND seq > ?"
             ))
             .await?,
+            conv_epoch_lwt: p(format!(
+                "UPDATE {ks}.conversations SET epoch = ? WHERE id = ? IF epoch = null"
+            ))
+            .await?,
+            conv_head: idempotent(format!(
+                "UPDATE {ks}.conversations USING TIMESTAMP ? SET head = ? WHERE id = ?"
+            ))
+            .await?,
+            msg_claimed: idempotent(format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET claimed_rev = ? \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+            ))
+            .await?,
+            marker_claimed: idempotent(format!(
+                "UPDATE {ks}.markers USING TIMESTAMP ? SET claimed_sum = ? \
+                 WHERE conversation_id = ? AND user_id = ?"
+            ))
+            .await?,
+            msg_tombstone: p(format!(
+                "UPDATE {ks}.messages SET content = ?, media = ?, edited_at = ?, deleted = ?, \
+                 version = ?, rev = ?, reactions = null \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ? IF version = ? AND rev = ?"
+            ))
+            .await?,
+            msg_react: p(format!(
+                "UPDATE {ks}.messages SET reactions = ?, rev = ? \
+                 WHERE conversation_id = ? AND bucket = ? AND seq = ? \
+                 IF version = ? AND rev = ?"
+            ))
+            .await?,
+            msg_in: idempotent(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                 WHERE conversation_id = ? AND bucket = ? AND seq IN ?"
+            ))
+            .await?,
+            change_claim: p(format!(
+                "INSERT INTO {ks}.changes (conversation_id, bucket, position, item) \
+                 VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            change_max: idempotent(format!(
+                "SELECT position FROM {ks}.changes WHERE conversation_id = ? AND bucket = ? \
+                 ORDER BY position DESC LIMIT 1"
+            ))
+            .await?,
+            change_range: idempotent(format!(
+                "SELECT position, item FROM {ks}.changes \
+                 WHERE conversation_id = ? AND bucket = ? AND position > ? AND position <= ?"
+            ))
+            .await?,
+            latest_set: idempotent(format!(
+                "UPDATE {ks}.change_latest USING TIMESTAMP ? SET position = ? \
+                 WHERE conversation_id = ? AND item = ?"
+            ))
+            .await?,
+            latest_get: idempotent(format!(
+                "SELECT position FROM {ks}.change_latest WHERE conversation_id = ? AND item = ?"
+            ))
+            .await?,
+            latest_in: idempotent(format!(
+                "SELECT item, position FROM {ks}.change_latest \
+                 WHERE conversation_id = ? AND item IN ?"
+            ))
+            .await?,
+            members_in: idempotent(format!(
+                "SELECT user_id FROM {ks}.members WHERE conversation_id = ? AND user_id IN ?"
+            ))
+            .await?,
+            markers_in: idempotent(format!(
+                "SELECT user_id, read_seq, delivered_seq FROM {ks}.markers \
+                 WHERE conversation_id = ? AND user_id IN ?"
+            ))
+            .await?,
         })
     }
 }
@@ -420,6 +584,10 @@ struct ConvRow {
     pair: Option<(UserId, UserId)>,
     last_seq: u64,
     last_activity: u64,
+    /// The stream's epoch; `None` for a conversation created before the change stream.
+    epoch: Option<u64>,
+    /// The head hint: a position that exists (0 when none does), never above the head.
+    head: u64,
 }
 
 /// What an idempotency claim says: the message it stands for and where it is being written.
@@ -429,8 +597,22 @@ struct Claim {
 }
 
 /// A [`MessageStore`] on ScyllaDB or Apache Cassandra, shared by every node of a cluster of
-/// chat servers. See the crate docs for the schema, the append protocol and what was verified
-/// where.
+/// chat servers. See the crate docs for the schema, the append protocol, the change stream and
+/// what was verified where.
+///
+/// It keeps a change stream ([`MessageStore::stream`] is `Some`): every change is applied
+/// first, then takes the conversation's next position by a conditional insert at head + 1
+/// (gap-free across nodes), and reactions live on the message row, changed by CAS.
+///
+/// Cost in lightweight transactions (Paxos rounds), uncontended, as measured by
+/// [`ScyllaStore::lwt_count`]: a new message 3, a retried one 1, a receipt that moves a marker
+/// 1, a reaction 2, an edit or delete 2, a join or a leave 2, a creation 1 (+1 for the direct
+/// pair); changes that change nothing 0.
+///
+/// Crash windows that remain (an effect stored whose writer crashed before its position): a
+/// join or leave has no position until that user's membership changes again; any other change
+/// gets it from the retry of the same call (a duplicate append, the same reaction or receipt
+/// again, a second delete) or from the item's next change. Details in the crate docs.
 ///
 /// Cloning is cheap (one shared session).
 #[derive(Clone)]
@@ -446,6 +628,14 @@ struct Inner {
     bucket_size: u64,
     /// See [`LOCK_SHARDS`].
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Position claims, serialized per conversation shard in-process (one node's claims never
+    /// compete with each other), each with the last position this node knows to exist in the
+    /// shard's most recent conversation (so an uncontended claim needs no read).
+    claims: Vec<tokio::sync::Mutex<Option<(ConversationId, u64)>>>,
+    /// Positions per `changes` partition ([`CHANGE_BUCKET_FACTOR`] × `bucket_size`).
+    change_bucket: u64,
+    /// Conditional statements (LWTs) sent so far; see [`ScyllaStore::lwt_count`].
+    lwts: AtomicU64,
 }
 
 impl fmt::Debug for ScyllaStore {
@@ -525,6 +715,11 @@ impl ScyllaStore {
                 locks: (0..LOCK_SHARDS)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                claims: (0..LOCK_SHARDS)
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+                change_bucket: bucket_size.saturating_mul(CHANGE_BUCKET_FACTOR),
+                lwts: AtomicU64::new(0),
             }),
         })
     }
@@ -532,6 +727,13 @@ impl ScyllaStore {
     /// Seqs per `messages` partition of this keyspace.
     pub fn bucket_size(&self) -> u64 {
         self.inner.bucket_size
+    }
+
+    /// How many lightweight transactions (conditional statements, each a Paxos round) this
+    /// store has sent since it was opened: a measure of the cost of the operations (see the
+    /// crate docs for the count per operation).
+    pub fn lwt_count(&self) -> u64 {
+        self.inner.lwts.load(Ordering::Relaxed)
     }
 
     /// The options the store was opened with.
@@ -559,6 +761,10 @@ impl ScyllaStore {
     }
 
     async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<QueryResult> {
+        // Only the conditional statements have " IF " (DDL never goes through here).
+        if st.get_statement().contains(" IF ") {
+            self.inner.lwts.fetch_add(1, Ordering::Relaxed);
+        }
         self.inner
             .session
             .execute_unpaged(st, values)
@@ -612,11 +818,23 @@ impl ScyllaStore {
             Option<String>,
             Option<i64>,
             Option<i64>,
+            Option<i64>,
+            Option<i64>,
         );
         let row: Option<R> = self
             .first(&self.inner.st.conv_get, (i64_of(id.get())?,))
             .await?;
-        let Some((Some(kind), name, created_at, pair_a, pair_b, last_seq, last_activity)) = row
+        let Some((
+            Some(kind),
+            name,
+            created_at,
+            pair_a,
+            pair_b,
+            last_seq,
+            last_activity,
+            epoch,
+            head,
+        )) = row
         else {
             // No row, or only the activity cells of a conversation whose creation did not finish.
             return Ok(None);
@@ -631,6 +849,8 @@ impl ScyllaStore {
                 Some(a) => u64_of(a)?,
                 None => id.get(),
             },
+            epoch: epoch.map(u64_of).transpose()?.filter(|e| *e != 0),
+            head: u64_of(head.unwrap_or(0))?,
         }))
     }
 
@@ -711,6 +931,13 @@ impl ScyllaStore {
             .try_collect::<Vec<_>>()
             .await?;
         self.exec(&st.conv_state, (0i64, 0i64, cid, cid)).await?;
+        // The epoch by LWT (first writer wins), before the row becomes visible: a helper
+        // finishing a crashed creation keeps the epoch the first writer made.
+        self.exec(
+            &st.conv_epoch_lwt,
+            (i64_of(StreamPosition::new_epoch())?, cid),
+        )
+        .await?;
         self.exec(
             &st.conv_insert,
             (
@@ -727,13 +954,14 @@ impl ScyllaStore {
     }
 
     /// Adds the users that are not members (LWT per user, so concurrent adds agree on who was
-    /// new), with both markers at the current last seq. Returns the new ones, in input order.
+    /// new), with both markers at the current last seq, then gives each join its position.
+    /// Returns the new ones, in input order.
     async fn add_users(
         &self,
         conversation: ConversationId,
         users: &[UserId],
         now: u64,
-    ) -> Result<Vec<UserId>> {
+    ) -> Result<Vec<MembershipUpdate>> {
         let st = &self.inner.st;
         let cid = i64_of(conversation.get())?;
         let mut seen = HashSet::new();
@@ -755,11 +983,18 @@ impl ScyllaStore {
                     if !lwt.applied {
                         return Ok::<_, Error>(None);
                     }
+                    // The join's position covers the markers it starts with.
+                    let sum = last.saturating_mul(2);
                     tokio::try_join!(
                         self.exec(&st.marker_set, (last, last, last, cid, u.as_str())),
+                        self.exec(&st.marker_claimed, (sum, sum, cid, u.as_str())),
                         self.exec(&st.user_conv_insert, (u.as_str(), cid)),
                     )?;
-                    Ok(Some(u))
+                    let position = self.claim(conversation, None, &membership_item(&u)).await?;
+                    Ok(Some(MembershipUpdate {
+                        user_id: u,
+                        position: Some(position),
+                    }))
                 }
             })
             .buffered(LIST_CONCURRENCY)
@@ -1016,10 +1251,23 @@ impl ScyllaStore {
             match outcome {
                 Ok(message) => {
                     self.after_insert(&message).await?;
+                    let item = message_item(message.seq);
+                    let position = if mine {
+                        Some(self.claim(conv, Some(row.head), &item).await?)
+                    } else {
+                        // A retry: the original takes its position now if the node that
+                        // stored it did not get to claim one (it crashed, or is in between).
+                        let latest: Option<(Option<i64>,)> =
+                            self.first(&st.latest_get, (cid, item.as_str())).await?;
+                        match latest {
+                            Some((Some(_),)) => None,
+                            _ => Some(self.claim(conv, Some(row.head), &item).await?),
+                        }
+                    };
                     return Ok(Appended {
                         message,
                         duplicate: !mine,
-                        position: None,
+                        position,
                     });
                 }
                 Err(_other) => {
@@ -1101,11 +1349,44 @@ impl ScyllaStore {
     }
 
     async fn marker_row(&self, cid: i64, user: &UserId) -> Result<(u64, u64)> {
-        let row: Option<(Option<i64>, Option<i64>)> = self
+        let (read, delivered, _) = self.marker_state(cid, user).await?;
+        Ok((read, delivered))
+    }
+
+    /// Read and delivered markers, and `claimed_sum` (see the schema).
+    async fn marker_state(&self, cid: i64, user: &UserId) -> Result<(u64, u64, u64)> {
+        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = self
             .first(&self.inner.st.marker_get, (cid, user.as_str()))
             .await?;
-        let (r, d) = row.unwrap_or((None, None));
-        Ok((u64_of(r.unwrap_or(0))?, u64_of(d.unwrap_or(0))?))
+        let (r, d, c) = row.unwrap_or((None, None, None));
+        Ok((
+            u64_of(r.unwrap_or(0))?,
+            u64_of(d.unwrap_or(0))?,
+            u64_of(c.unwrap_or(0))?,
+        ))
+    }
+
+    /// Claims a position for the user's markers and records what it covers; returns the
+    /// position and the markers as of it.
+    async fn claim_markers(
+        &self,
+        conversation: ConversationId,
+        hint: u64,
+        user: &UserId,
+    ) -> Result<(u64, u64, u64)> {
+        let cid = i64_of(conversation.get())?;
+        let position = self
+            .claim(conversation, Some(hint), &markers_item(user))
+            .await?;
+        // As of the position (max-wins: a concurrent higher receipt may be there already).
+        let (read, delivered, _) = self.marker_state(cid, user).await?;
+        let sum = i64_of(read.saturating_add(delivered))?;
+        self.exec(
+            &self.inner.st.marker_claimed,
+            (sum, sum, cid, user.as_str()),
+        )
+        .await?;
+        Ok((position, read, delivered))
     }
 
     async fn unread_inner(&self, conversation: ConversationId, user: &UserId) -> Result<u64> {
@@ -1157,6 +1438,366 @@ impl ScyllaStore {
             last_message,
         }))
     }
+
+    // ------------------------------------------------------------------ change stream
+
+    fn shard(conversation: ConversationId) -> usize {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(conversation.get()) as usize
+            % LOCK_SHARDS
+    }
+
+    fn change_bucket_of(&self, position: u64) -> u64 {
+        position / self.inner.change_bucket
+    }
+
+    /// The last position of a `changes` bucket.
+    fn change_bucket_last(&self, bucket: u64) -> u64 {
+        (bucket + 1)
+            .saturating_mul(self.inner.change_bucket)
+            .saturating_sub(1)
+    }
+
+    /// The newest position, from `hint` (a position that exists, or 0) and the `changes`
+    /// partitions from the hint's on. Positions have no holes, so the newest is the maximum of
+    /// the first partition that is not full.
+    async fn probe_head(&self, conversation: ConversationId, hint: u64) -> Result<u64> {
+        let cid = i64_of(conversation.get())?;
+        let mut head = hint;
+        let mut bucket = self.change_bucket_of(hint);
+        loop {
+            let max: Option<(i64,)> = self
+                .first(&self.inner.st.change_max, (cid, i64_of(bucket)?))
+                .await?;
+            let Some((max,)) = max else { return Ok(head) };
+            let max = u64_of(max)?;
+            head = head.max(max);
+            if max < self.change_bucket_last(bucket) {
+                return Ok(head);
+            }
+            bucket += 1;
+        }
+    }
+
+    /// Gives `item` the conversation's next position, **after** its effect is stored: `INSERT
+    /// INTO changes … IF NOT EXISTS` at head + 1, where head is a position known to exist (so
+    /// no position is ever taken before the one below it: no holes); on a conflict the taken
+    /// position proves itself, so the next attempt starts above it. Then `change_latest[item]`
+    /// and the head hint, both max-wins (`USING TIMESTAMP <position>`). `hint` is the
+    /// conversation row's head hint when the caller has read it.
+    async fn claim(
+        &self,
+        conversation: ConversationId,
+        hint: Option<u64>,
+        item: &str,
+    ) -> Result<u64> {
+        let st = &self.inner.st;
+        let cid = i64_of(conversation.get())?;
+        let mut cache = self.inner.claims[Self::shard(conversation)].lock().await;
+        let mut head = match *cache {
+            Some((c, h)) if c == conversation => h,
+            _ => {
+                let hint = match hint {
+                    Some(h) => h,
+                    None => self.existing(conversation).await?.head,
+                };
+                self.probe_head(conversation, hint).await?
+            }
+        };
+        let attempts = self.inner.options.append_attempts.max(CAS_ATTEMPTS);
+        for _ in 0..attempts {
+            let position = head + 1;
+            let lwt = Lwt::parse(
+                self.exec(
+                    &st.change_claim,
+                    (
+                        cid,
+                        i64_of(self.change_bucket_of(position))?,
+                        i64_of(position)?,
+                        item,
+                    ),
+                )
+                .await?,
+            )?;
+            if lwt.applied {
+                *cache = Some((conversation, position));
+                drop(cache);
+                let p = i64_of(position)?;
+                tokio::try_join!(
+                    self.exec(&st.latest_set, (p, p, cid, item)),
+                    self.exec(&st.conv_head, (p, p, cid)),
+                )?;
+                return Ok(position);
+            }
+            // Another node took it: it exists, so the head is at least there.
+            head = self.probe_head(conversation, position).await?;
+            *cache = Some((conversation, head));
+        }
+        Err(Error::Conflict(
+            format!(
+                "conversation {conversation}: no free stream position after {attempts} attempts"
+            )
+            .into(),
+        ))
+    }
+
+    /// The stream's epoch: the one made at creation, or, for a conversation created before the
+    /// change stream, one made now by LWT (`IF epoch = null`: every node agrees on it).
+    async fn ensure_epoch(&self, conversation: ConversationId, row: &ConvRow) -> Result<u64> {
+        if let Some(e) = row.epoch {
+            return Ok(e);
+        }
+        let epoch = StreamPosition::new_epoch();
+        let lwt = Lwt::parse(
+            self.exec(
+                &self.inner.st.conv_epoch_lwt,
+                (i64_of(epoch)?, i64_of(conversation.get())?),
+            )
+            .await?,
+        )?;
+        if lwt.applied {
+            return Ok(epoch);
+        }
+        lwt.i64("epoch")
+            .filter(|e| *e != 0)
+            .map(u64_of)
+            .transpose()?
+            .ok_or_else(|| internal("epoch LWT not applied but no epoch"))
+    }
+
+    async fn stream_inner(&self, conversation: ConversationId) -> Result<StreamPosition> {
+        let row = self.existing(conversation).await?;
+        let (epoch, position) = tokio::try_join!(
+            self.ensure_epoch(conversation, &row),
+            self.probe_head(conversation, row.head)
+        )?;
+        Ok(StreamPosition { epoch, position })
+    }
+
+    /// The message row at `seq` with what a CAS compares with.
+    async fn message_raw(
+        &self,
+        conversation: ConversationId,
+        seq: u64,
+    ) -> Result<Option<(Message, MessageMeta)>> {
+        let row: Option<MessageRow> = self
+            .first(
+                &self.inner.st.msg_get,
+                (
+                    i64_of(conversation.get())?,
+                    i64_of(self.bucket_of(seq))?,
+                    i64_of(seq)?,
+                ),
+            )
+            .await?;
+        row.map(|r| {
+            let meta = MessageMeta {
+                rev: r.rev,
+                unclaimed: r.rev.unwrap_or(0) > r.claimed_rev.unwrap_or(0),
+            };
+            r.into_message(conversation).map(|m| (m, meta))
+        })
+        .transpose()
+    }
+
+    /// Claims a position for the message at `seq` after a change of it, then reads it back
+    /// (the message as of the position: it includes every change below it, e.g. a reaction
+    /// that raced this edit but was claimed first) and records the rev the position covers.
+    async fn claim_message(
+        &self,
+        conversation: ConversationId,
+        hint: u64,
+        id: MessageId,
+        seq: u64,
+        fallback: Message,
+    ) -> Result<(u64, Message)> {
+        let position = self
+            .claim(conversation, Some(hint), &message_item(seq))
+            .await?;
+        let Some((message, meta)) = self
+            .message_raw(conversation, seq)
+            .await?
+            .filter(|(m, _)| m.message_id == id)
+        else {
+            return Ok((position, fallback));
+        };
+        if let Some(rev) = meta.rev {
+            self.exec(
+                &self.inner.st.msg_claimed,
+                (
+                    rev,
+                    rev,
+                    i64_of(conversation.get())?,
+                    i64_of(self.bucket_of(seq))?,
+                    i64_of(seq)?,
+                ),
+            )
+            .await?;
+        }
+        Ok((position, message))
+    }
+
+    /// Runs `query(chunk)` for chunks of `keys` of [`IN_CHUNK`], concurrently; all the rows.
+    async fn rows_in<K, R>(&self, st: &PreparedStatement, cid: i64, keys: Vec<K>) -> Result<Vec<R>>
+    where
+        K: scylla::serialize::value::SerializeValue + Clone + Send + Sync,
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
+    {
+        let chunks: Vec<Vec<K>> = keys.chunks(IN_CHUNK).map(<[K]>::to_vec).collect();
+        let parts: Vec<Vec<R>> = futures::stream::iter(chunks)
+            .map(|chunk| async move { self.rows::<R>(st, (cid, chunk)).await })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    async fn changes_after_inner(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<ChangePage> {
+        let st = &self.inner.st;
+        let cid = i64_of(conversation.get())?;
+        let stream = self.stream_inner(conversation).await?;
+        let head = stream.position;
+        if limit == 0 || after >= head {
+            return Ok(ChangePage {
+                stream,
+                changes: Vec::new(),
+                next: None,
+            });
+        }
+        // Positions have no holes: the page is exactly (after, end].
+        let end = after.saturating_add(limit as u64).min(head);
+        let mut entries: Vec<(u64, String)> = Vec::new();
+        for bucket in self.change_bucket_of(after + 1)..=self.change_bucket_of(end) {
+            let rows: Vec<(i64, String)> = self
+                .rows(
+                    &st.change_range,
+                    (cid, i64_of(bucket)?, i64_of(after)?, i64_of(end)?),
+                )
+                .await?;
+            for (p, item) in rows {
+                entries.push((u64_of(p)?, item));
+            }
+        }
+        // Keep an entry only if it is its item's latest: `change_latest` is not above it (an
+        // entry with a higher latest comes again later; a missing latest is a claim whose
+        // writer has not written it yet, or crashed). Within the page, the highest entry of
+        // an item wins.
+        let items: Vec<String> = entries
+            .iter()
+            .map(|(_, i)| i.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let latest: HashMap<String, u64> = self
+            .rows_in::<String, (String, Option<i64>)>(&st.latest_in, cid, items)
+            .await?
+            .into_iter()
+            .filter_map(|(i, p)| Some((i, u64::try_from(p?).ok()?)))
+            .collect();
+        let mut keep: HashMap<&str, u64> = HashMap::new();
+        for (p, item) in &entries {
+            if latest.get(item).is_none_or(|l| l <= p) {
+                let e = keep.entry(item.as_str()).or_insert(*p);
+                *e = (*e).max(*p);
+            }
+        }
+        let mut kept: Vec<(u64, Item)> = keep
+            .into_iter()
+            .filter_map(|(item, p)| Item::parse(item).map(|i| (p, i)))
+            .collect();
+        kept.sort_unstable_by_key(|(p, _)| *p);
+
+        // Resolve in batches: messages per bucket, members and markers by user.
+        let mut seqs_by_bucket: HashMap<u64, Vec<i64>> = HashMap::new();
+        let mut users: HashSet<String> = HashSet::new();
+        let mut marker_users: HashSet<String> = HashSet::new();
+        for (_, item) in &kept {
+            match item {
+                Item::Message(seq) => seqs_by_bucket
+                    .entry(self.bucket_of(*seq))
+                    .or_default()
+                    .push(i64_of(*seq)?),
+                Item::Markers(u) => {
+                    users.insert(u.as_str().to_owned());
+                    marker_users.insert(u.as_str().to_owned());
+                }
+                Item::Membership(u) => {
+                    users.insert(u.as_str().to_owned());
+                }
+            }
+        }
+        let messages = async {
+            let mut out: HashMap<u64, Message> = HashMap::new();
+            for (bucket, seqs) in seqs_by_bucket {
+                let b = i64_of(bucket)?;
+                let chunks: Vec<Vec<i64>> = seqs.chunks(IN_CHUNK).map(<[i64]>::to_vec).collect();
+                for chunk in chunks {
+                    let rows: Vec<MessageRow> = self.rows(&st.msg_in, (cid, b, chunk)).await?;
+                    for r in rows {
+                        let m = r.into_message(conversation)?;
+                        out.insert(m.seq, m);
+                    }
+                }
+            }
+            Ok::<_, Error>(out)
+        };
+        let (messages, members, markers) = tokio::try_join!(
+            messages,
+            self.rows_in::<String, (String,)>(&st.members_in, cid, users.into_iter().collect()),
+            self.rows_in::<String, (String, Option<i64>, Option<i64>)>(
+                &st.markers_in,
+                cid,
+                marker_users.into_iter().collect()
+            ),
+        )?;
+        let members: HashSet<String> = members.into_iter().map(|(u,)| u).collect();
+        let markers: HashMap<String, (Option<i64>, Option<i64>)> =
+            markers.into_iter().map(|(u, r, d)| (u, (r, d))).collect();
+        let mut changes = Vec::with_capacity(kept.len());
+        for (position, item) in kept {
+            match item {
+                Item::Message(seq) => {
+                    if let Some(message) = messages.get(&seq) {
+                        changes.push(Change::Message {
+                            position,
+                            message: message.clone(),
+                        });
+                    }
+                }
+                Item::Markers(user_id) => {
+                    if members.contains(user_id.as_str()) {
+                        let (r, d) = markers
+                            .get(user_id.as_str())
+                            .copied()
+                            .unwrap_or((None, None));
+                        changes.push(Change::Markers {
+                            position,
+                            user_id,
+                            delivered: u64_of(d.unwrap_or(0))?,
+                            read: u64_of(r.unwrap_or(0))?,
+                        });
+                    }
+                }
+                Item::Membership(user_id) => {
+                    let member = members.contains(user_id.as_str());
+                    changes.push(Change::Membership {
+                        position,
+                        user_id,
+                        member,
+                    });
+                }
+            }
+        }
+        Ok(ChangePage {
+            stream,
+            changes,
+            next: (end < head).then_some(end),
+        })
+    }
 }
 
 #[async_trait]
@@ -1196,16 +1837,16 @@ impl MessageStore for ScyllaStore {
     ) -> Result<MessageUpdate> {
         self.bounded(async {
             let st = &self.inner.st;
-            self.existing(conversation).await?;
+            let row = self.existing(conversation).await?;
             let cid = i64_of(conversation.get())?;
             let not_found = || Error::not_found(format!("message {id}"));
             let seq: Option<(i64,)> = self.first(&st.id_get, (cid, i64_of(id.get())?)).await?;
             let seq = u64_of(seq.ok_or_else(not_found)?.0)?;
             for _ in 0..CAS_ATTEMPTS {
-                let current = self
-                    .message_at(conversation, seq)
+                let (current, meta) = self
+                    .message_raw(conversation, seq)
                     .await?
-                    .filter(|m| m.message_id == id)
+                    .filter(|(m, _)| m.message_id == id)
                     .ok_or_else(not_found)?;
                 if &current.sender_id != by {
                     return Err(Error::forbidden("only the sender may change a message"));
@@ -1213,24 +1854,38 @@ impl MessageStore for ScyllaStore {
                 let mut changed = current.clone();
                 if let Err(e) = change.apply(&mut changed, now) {
                     if current.deleted {
-                        // Finish the index writes of a delete that crashed half-way.
+                        // Finish the index writes of a delete that crashed half-way, and
+                        // its position (a retried delete is the caller's way to finish it).
                         self.mark_deleted(cid, &current).await?;
+                        if meta.unclaimed {
+                            self.claim_message(conversation, row.head, id, seq, current)
+                                .await?;
+                        }
                     }
                     return Err(e);
                 }
+                let rev = meta.rev.unwrap_or(0).saturating_add(1);
+                // A delete also clears the reactions (in the same CAS); an edit leaves them.
+                let statement = if changed.deleted {
+                    &st.msg_tombstone
+                } else {
+                    &st.msg_update
+                };
                 let lwt = Lwt::parse(
                     self.exec(
-                        &st.msg_update,
+                        statement,
                         (
                             changed.content.as_str(),
                             media_json(&changed.media)?,
                             changed.edited_at.map(i64_of).transpose()?,
                             changed.deleted,
                             i64::from(changed.version),
+                            rev,
                             cid,
                             i64_of(self.bucket_of(seq))?,
                             i64_of(seq)?,
                             i64::from(current.version),
+                            meta.rev,
                         ),
                     )
                     .await?,
@@ -1239,9 +1894,12 @@ impl MessageStore for ScyllaStore {
                     if changed.deleted {
                         self.mark_deleted(cid, &changed).await?;
                     }
+                    let (position, message) = self
+                        .claim_message(conversation, row.head, id, seq, changed)
+                        .await?;
                     return Ok(MessageUpdate {
-                        message: changed,
-                        position: None,
+                        message,
+                        position: Some(position),
                     });
                 }
             }
@@ -1392,35 +2050,102 @@ impl MessageStore for ScyllaStore {
         .await
     }
 
-    /// Reactions need the change stream, which this store does not keep yet.
     async fn react(
         &self,
         conversation: ConversationId,
-        _id: MessageId,
-        _user: &UserId,
-        _key: Option<&str>,
+        id: MessageId,
+        user: &UserId,
+        key: Option<&str>,
     ) -> Result<MessageUpdate> {
-        self.bounded(self.existing(conversation)).await?;
-        Err(Error::invalid(
-            "reactions are not supported by ScyllaStore yet (it keeps no change stream)",
-        ))
+        self.bounded(async {
+            let st = &self.inner.st;
+            let row = self.existing(conversation).await?;
+            let cid = i64_of(conversation.get())?;
+            let (member, seq) = tokio::try_join!(
+                self.first::<(String, i64)>(&st.member_get, (cid, user.as_str())),
+                self.first::<(i64,)>(&st.id_get, (cid, i64_of(id.get())?)),
+            )?;
+            if member.is_none() {
+                return Err(Error::NotMember(conversation));
+            }
+            let not_found =
+                || Error::not_found(format!("message {id} in conversation {conversation}"));
+            let seq = u64_of(seq.ok_or_else(not_found)?.0)?;
+            for _ in 0..CAS_ATTEMPTS {
+                let (current, meta) = self
+                    .message_raw(conversation, seq)
+                    .await?
+                    .filter(|(m, _)| m.message_id == id)
+                    .ok_or_else(not_found)?;
+                let mut changed = current.clone();
+                if !apply_reaction(&mut changed, user, key)? {
+                    if meta.unclaimed {
+                        // The same reaction again, retried after a writer stored it (or
+                        // another change) but crashed before its position: claim it now.
+                        let (position, message) = self
+                            .claim_message(conversation, row.head, id, seq, current)
+                            .await?;
+                        return Ok(MessageUpdate {
+                            message,
+                            position: Some(position),
+                        });
+                    }
+                    return Ok(MessageUpdate {
+                        message: current,
+                        position: None,
+                    });
+                }
+                // CAS on the rev (every edit, delete and reaction bumps it; a delete also
+                // clears the reactions): one user's change never overwrites another's, and
+                // the key limit holds.
+                let lwt = Lwt::parse(
+                    self.exec(
+                        &st.msg_react,
+                        (
+                            reactions_json(&changed.reactions)?,
+                            meta.rev.unwrap_or(0).saturating_add(1),
+                            cid,
+                            i64_of(self.bucket_of(seq))?,
+                            i64_of(seq)?,
+                            i64::from(current.version),
+                            meta.rev,
+                        ),
+                    )
+                    .await?,
+                )?;
+                if lwt.applied {
+                    let (position, message) = self
+                        .claim_message(conversation, row.head, id, seq, changed)
+                        .await?;
+                    return Ok(MessageUpdate {
+                        message,
+                        position: Some(position),
+                    });
+                }
+            }
+            Err(Error::Conflict(
+                format!("reactions of message {id} changed concurrently {CAS_ATTEMPTS} times")
+                    .into(),
+            ))
+        })
+        .await
     }
 
-    /// No change stream yet: `None` (the engine's `sync` then replays new messages by seq).
     async fn stream(&self, conversation: ConversationId) -> Result<Option<StreamPosition>> {
-        self.bounded(self.existing(conversation)).await?;
-        Ok(None)
+        self.bounded(self.stream_inner(conversation))
+            .await
+            .map(Some)
     }
 
-    /// No change stream yet: `None`.
     async fn changes_after(
         &self,
         conversation: ConversationId,
-        _after: u64,
-        _limit: usize,
+        after: u64,
+        limit: usize,
     ) -> Result<Option<ChangePage>> {
-        self.bounded(self.existing(conversation)).await?;
-        Ok(None)
+        self.bounded(self.changes_after_inner(conversation, after, limit))
+            .await
+            .map(Some)
     }
 
     async fn add_members(
@@ -1438,14 +2163,7 @@ impl MessageStore for ScyllaStore {
                     ));
                 }
             }
-            let added = self.add_users(conversation, users, now).await?;
-            Ok(added
-                .into_iter()
-                .map(|user_id| MembershipUpdate {
-                    user_id,
-                    position: None,
-                })
-                .collect())
+            self.add_users(conversation, users, now).await
         })
         .await
     }
@@ -1466,9 +2184,15 @@ impl MessageStore for ScyllaStore {
             // Also when it was not applied: finishes a removal that crashed half-way.
             self.exec(&st.user_conv_delete, (user.as_str(), cid))
                 .await?;
-            Ok(lwt.applied.then(|| MembershipUpdate {
+            if !lwt.applied {
+                return Ok(None);
+            }
+            let position = self
+                .claim(conversation, None, &membership_item(user))
+                .await?;
+            Ok(Some(MembershipUpdate {
                 user_id: user.clone(),
-                position: None,
+                position: Some(position),
             }))
         })
         .await
@@ -1543,10 +2267,10 @@ impl MessageStore for ScyllaStore {
             let st = &self.inner.st;
             let row = self.existing(conversation).await?;
             let cid = i64_of(conversation.get())?;
-            let (member, last, (read, delivered)) = tokio::try_join!(
+            let (member, last, (read, delivered, claimed)) = tokio::try_join!(
                 self.first::<(String, i64)>(&st.member_get, (cid, user.as_str())),
                 self.probe_last(conversation, Some(row.last_seq)),
-                self.marker_row(cid, user),
+                self.marker_state(cid, user),
             )?;
             if member.is_none() {
                 return Err(Error::NotMember(conversation));
@@ -1557,6 +2281,21 @@ impl MessageStore for ScyllaStore {
                 ReceiptKind::Delivered => delivered,
             };
             if target <= current {
+                if read.saturating_add(delivered) > claimed {
+                    // A move is stored without a position (its writer crashed before the
+                    // claim, or is just between the two): this call, typically the retry of
+                    // that receipt, finishes it, and reports the move it makes visible.
+                    let (position, read, delivered) =
+                        self.claim_markers(conversation, row.head, user).await?;
+                    return Ok(MarkerUpdate {
+                        seq: match kind {
+                            ReceiptKind::Read => read,
+                            ReceiptKind::Delivered => delivered,
+                        },
+                        moved: true,
+                        position: Some(position),
+                    });
+                }
                 return Ok(MarkerUpdate {
                     seq: current,
                     moved: false,
@@ -1575,10 +2314,16 @@ impl MessageStore for ScyllaStore {
                         .await?
                 }
             };
+            let (position, read, delivered) =
+                self.claim_markers(conversation, row.head, user).await?;
+            let now = match kind {
+                ReceiptKind::Read => read,
+                ReceiptKind::Delivered => delivered,
+            };
             Ok(MarkerUpdate {
-                seq: target,
+                seq: now.max(target),
                 moved: true,
-                position: None,
+                position: Some(position),
             })
         })
         .await
