@@ -280,7 +280,7 @@ async fn cql_retry_completes_writes_after_a_crash_past_the_message_row() {
         page.changes,
         vec![chat_core::model::Change::Message {
             position: 1,
-            message: a.message.clone()
+            message: Box::new(a.message.clone())
         }]
     );
     let again = store
@@ -375,7 +375,7 @@ async fn cql_retry_claims_the_position_of_a_crashed_reaction_and_receipt() {
         vec![
             Change::Message {
                 position: 2,
-                message: r.message.clone()
+                message: Box::new(r.message.clone())
             },
             Change::Markers {
                 position: 3,

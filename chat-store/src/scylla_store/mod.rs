@@ -1764,7 +1764,7 @@ impl ScyllaStore {
                     if let Some(message) = messages.get(&seq) {
                         changes.push(Change::Message {
                             position,
-                            message: message.clone(),
+                            message: Box::new(message.clone()),
                         });
                     }
                 }
