@@ -75,6 +75,15 @@ mod cql {
     chat_core::change_stream_conformance_tests!(scylla_test_store);
 }
 
+/// The convergence property (`chat_core::testing::converge`) on the CQL node: random sends,
+/// edits, deletes, reactions, receipts, member changes and disconnects over six devices; after a
+/// final `streams` sync every device's view equals the store's. Fewer cases than on the
+/// in-memory store: every change costs lightweight transactions here.
+#[test]
+fn every_device_converges_on_cql() {
+    chat_core::testing::converge::check(12, || async { (scylla_test_store().await, ()) });
+}
+
 /// Two stores ("nodes") on one keyspace change one conversation at once (appends, reactions,
 /// receipts): their position claims collide and are retried, and the positions are still
 /// exactly 1..=N with one head seen from both.
