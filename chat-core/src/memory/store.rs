@@ -202,7 +202,10 @@ struct ConvState {
     stream: StreamPosition,
     /// The compacted change log: position → what changed there (its latest change).
     changes: BTreeMap<u64, Item>,
-    /// What changed → its entry in `changes`.
+    /// `message_positions[seq - 1]`: the message's entry in `changes` (no hashing on the
+    /// append path).
+    message_positions: Vec<u64>,
+    /// A member's markers or membership → its entry in `changes`.
     change_of: HashMap<Item, u64>,
 }
 
@@ -231,7 +234,17 @@ impl ConvState {
     fn record(&mut self, item: Item) -> u64 {
         self.stream.position += 1;
         let position = self.stream.position;
-        if let Some(old) = self.change_of.insert(item.clone(), position) {
+        let old = match &item {
+            Item::Message(seq) => {
+                let i = to_index(seq.saturating_sub(1));
+                if i >= self.message_positions.len() {
+                    self.message_positions.resize(i + 1, 0);
+                }
+                std::mem::replace(&mut self.message_positions[i], position)
+            }
+            _ => self.change_of.insert(item.clone(), position).unwrap_or(0),
+        };
+        if old != 0 {
             self.changes.remove(&old);
         }
         self.changes.insert(position, item);
@@ -459,6 +472,7 @@ impl MemoryStore {
                 position: 0,
             },
             changes: BTreeMap::new(),
+            message_positions: Vec::new(),
             change_of: HashMap::new(),
         };
         for (i, user) in users.iter().enumerate() {

@@ -290,9 +290,10 @@ fn decode_proto<M: prost::Message + Default>(payload: &[u8]) -> Result<M, Decode
 /// Decodes a JSON frame in one pass; only when that fails does it look again to say why
 /// (not an object? no `type`? an unknown `type`? bad fields of a known one?).
 /// The top-level `id` of a JSON client frame that already decoded. Parsed a second time only
-/// when the bytes `"id"` occur at all, so frames without one (the common case) pay a scan.
+/// when the bytes `"id"` occur at all, so frames without one (the common case) pay one
+/// vectorized substring search.
 fn json_id(payload: &[u8]) -> Result<Option<String>, DecodeError> {
-    if !payload.windows(4).any(|w| w == b"\"id\"") {
+    if memchr::memmem::find(payload, b"\"id\"").is_none() {
         return Ok(None);
     }
     #[derive(serde::Deserialize)]
