@@ -147,6 +147,21 @@ pub(super) fn messages_with_reactions(v: Value) -> Result<Vec<Message>> {
         .collect()
 }
 
+/// `{page, reactions}` of the timeline script: `page` is `json, seq, json, seq, …`, `reactions`
+/// the reactions of each message in order (nil for none), or empty when there are none.
+pub(super) fn timeline_page(v: Value) -> Result<Vec<Message>> {
+    let [page, reactions] = tuple::<2>(v)?;
+    let page = array(page)?;
+    let mut reactions = array(reactions)?.into_iter();
+    let mut out = Vec::with_capacity(page.len() / 2);
+    let mut items = page.into_iter();
+    while let (Some(json), Some(seq)) = (items.next(), items.next()) {
+        let r = reactions.next().unwrap_or(Value::Nil);
+        out.push(decode_message_with(&string(json)?, uint(seq)?, r)?);
+    }
+    Ok(out)
+}
+
 /// The field of the idempotency hash for `(sender, client_msg_id)`: length-prefixed, so that
 /// no two pairs share a field whatever characters they contain.
 pub(super) fn idempotency_field(sender: &UserId, client_msg_id: &str) -> String {

@@ -21,7 +21,7 @@ use chat_redis::{RedisConnection, RedisOptions, Script};
 use self::codec::{
     array, decode_change, decode_conversation, decode_member, decode_message, decode_message_with,
     decode_reactions, encode, encode_new, idempotency_field, messages_with_reactions, older_than,
-    parse_entry, parse_u64, string, tuple, uint,
+    parse_entry, parse_u64, string, timeline_page, tuple, uint,
 };
 
 /// How often [`MessageStore::change_message`] re-reads a message that changed between its read
@@ -273,7 +273,7 @@ impl RedisStore {
                 ],
             )
             .await?;
-        messages_with_reactions(v)
+        timeline_page(v)
     }
 
     /// The compare-and-set loop of `change_message`: reads the message, lets `change` turn it

@@ -498,17 +498,22 @@ return {seq, json, raw, record(KEYS[1], KEYS[7], ARGV[2], 'm:' .. seq)}
 
 /// `history` and `messages_after`: a range of the timeline with each message's reactions.
 /// KEYS: conv, msgs, reactions. ARGV: prefix, cid, `ZRANGEBYSCORE` or `ZREVRANGEBYSCORE`, from,
-/// to, limit. Returns `{json, seq, reactions or nil}` per message.
+/// to, limit. Returns `{page, reactions}`: the `WITHSCORES` page as it is (json, seq, json,
+/// seq, …) and the reactions of its messages in the same order (nil for none), or `{}` when the
+/// conversation has no reactions at all (flat replies: no table per message to build or parse).
 pub(super) static TIMELINE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return not_found(ARGV[2]) end
 local page = redis.call(ARGV[3], KEYS[2], ARGV[4], ARGV[5], 'WITHSCORES', 'LIMIT', 0, ARGV[6])
-local out = {}
-for i = 1, #page, 2 do
-  out[#out + 1] = {page[i], page[i + 1], redis.call('HGET', KEYS[3], page[i + 1])}
+-- One HMGET for the page, none when the conversation has no reactions at all.
+local rx = {}
+if #page > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  local seqs = {}
+  for i = 2, #page, 2 do seqs[#seqs + 1] = page[i] end
+  rx = redis.call('HMGET', KEYS[3], unpack(seqs))
 end
-return out
+return {page, rx}
 "#,
     )
 });
